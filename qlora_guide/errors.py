@@ -1,0 +1,13 @@
+"""The one exception users see.
+
+Every mistake a user can make (a bad path, a wrong key in a recipe, a model
+that cannot be found) raises :class:`QLoRAGuideError` with a one-line message
+that names the problem. The CLI prints that line and exits with status 2
+instead of showing a traceback.
+"""
+
+
+class QLoRAGuideError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+    exit_code = 2
