@@ -43,7 +43,6 @@ def docs(session: nox.Session) -> None:
 def docs_check(session: nox.Session) -> None:
     """Open the built site in headless Chromium (Debian's `chromium` package) and check what readers see."""
     install(session, "docs,test")
-    session.install("-c", CONSTRAINTS, "playwright")
     session.run("python", "docs/tools/check_site.py", *session.posargs, env=OFFLINE)
 
 
