@@ -57,6 +57,7 @@ def lint(session: nox.Session) -> None:
 def benchmarks(session: nox.Session) -> None:
     """Every benchmark under benchmarks/, each printing its figures side by side."""
     install(session, "test")
+    session.install("--no-deps", "torchao")  # the pure-torch NF4 that bench_quantization compares with
     for script in sorted(os.listdir("benchmarks")):
-        if script.startswith("bench_") and script.endswith(".py"):
+        if script.startswith("bench_") and script.endswith(".py") and "gpu" not in script:
             session.run("python", f"benchmarks/{script}", env=OFFLINE)

@@ -22,6 +22,7 @@ Defaults are the guide's settings. Every field has a help text
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -247,8 +248,11 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
         if value is None:
             _require(type(None) in options, name, "must not be null")
             return None
+        present = [o for o in options if o is not type(None)]
+        if len(present) == 1:  # Optional[X]: X's own error names the wrong field
+            return _convert(value, present[0], name)
         errors = []
-        for option in (o for o in options if o is not type(None)):
+        for option in present:
             try:
                 return _convert(value, option, name)
             except QLoRAGuideError as err:
@@ -281,6 +285,23 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     raise TypeError(f"unsupported annotation {tp} for {name}")
 
 
+# Names people often write for a field (other libraries' or the papers' names).
+KEY_ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate",
+               "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+               "grad_accum": "gradient_accumulation_steps", "targets": "target_modules", "model": "name_or_path"}
+
+
+def suggest_key(key: str, known: list[str]) -> str | None:
+    """The known field a mistyped key most likely means: an alias, a close spelling, or a longer name ending with it."""
+    if KEY_ALIASES.get(key) in known:
+        return KEY_ALIASES[key]
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return close[0]
+    longer = [k for k in known if k.endswith("_" + key) or k.startswith(key + "_")]
+    return longer[0] if len(longer) == 1 else None
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build the dataclass ``cls`` from a mapping; unknown keys and wrong types name the key."""
     hints = typing.get_type_hints(cls)
@@ -289,16 +310,43 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            close = suggest_key(str(key), known)
+            hint = f" (did you mean '{close}'?)" if close else ""
             raise QLoRAGuideError(f"unknown recipe key '{full}'{hint}")
         kwargs[key] = _convert(value, hints[key], full)
     return cls(**kwargs)
 
 
 def bundled_recipes() -> dict[str, Path]:
-    """Names and files of the recipes shipped with the package."""
+    """Names and files of the recipes shipped with the package (launcher configs live in subfolders)."""
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+# Files that a recipe needs next to it, copied along with it (recipe name -> files under recipes/).
+RECIPE_COMPANIONS = {"llama-3-70b-fsdp": ["accelerate/fsdp_qlora.yaml"]}
+
+
+def copy_recipe(name: str, dest: str | Path, overwrite: bool = False) -> list[Path]:
+    """Copy a bundled recipe (and the launcher config it needs) to ``dest`` to edit it.
+
+    ``dest`` is a folder (the file keeps its name) or a ``.yaml`` file name.
+    Returns the files written, the recipe first; an existing file is never
+    replaced unless ``overwrite``.
+    """
+    recipes = bundled_recipes()
+    if name not in recipes:
+        raise QLoRAGuideError(f"no bundled recipe '{name}' (bundled: {', '.join(recipes)})")
+    dest = Path(dest).expanduser()
+    target = dest if dest.suffix in (".yaml", ".yml") else dest / recipes[name].name
+    copies = [(recipes[name], target)]
+    copies += [(RECIPES_DIR / extra, target.parent / extra.replace("/", "_")) for extra in RECIPE_COMPANIONS.get(name, [])]
+    for _, out in copies:
+        if out.exists() and not overwrite:
+            raise QLoRAGuideError(f"{out} already exists: choose another destination or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for source, out in copies:
+        out.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    return [out for _, out in copies]
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
@@ -346,7 +394,7 @@ def load_recipe(name_or_path: str | Path | dict, overrides: list[str] | None = N
     import yaml
 
     if isinstance(name_or_path, dict):
-        data = dict(name_or_path)
+        data = copy.deepcopy(name_or_path)  # overrides must not change the caller's mapping
     else:
         path = recipe_path(name_or_path)
         try:
