@@ -94,6 +94,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_recipes(args: argparse.Namespace) -> None:
     from qlora_guide import config
 
+    if args.show:
+        print(config.recipe_path(args.show).read_text(encoding="utf-8"), end="")
+        return
     if args.copy:
         from qlora_guide.training import copy_recipe
 
@@ -207,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
 
     p = command("recipes", cmd_recipes, "list the bundled recipes, or copy one out to edit")
+    p.add_argument("--show", metavar="NAME", help="print a bundled recipe")
     p.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"), help="copy a bundled recipe to DEST")
     p.add_argument("--overwrite", action="store_true")
 

@@ -106,7 +106,7 @@ class LoraConfig:
     lora_alpha: int = _field(16, "Scale of the update: it is multiplied by lora_alpha / r.")
     lora_dropout: float = _field(0.05, "Dropout on the adapter input during training.")
     bias: str = _field("none", "Which biases to train: none, all or lora_only.")
-    target_modules: Union[list[str], str] = _field(GUIDE_TARGET_MODULES, "Module names that get adapters, or 'all-linear' for every linear layer but the output head.")
+    target_modules: list[str] | str = _field(GUIDE_TARGET_MODULES, "Module names that get adapters, or 'all-linear' for every linear layer but the output head.")
 
     def __post_init__(self) -> None:
         _require(self.r > 0, "lora.r", f"must be a positive integer, not {self.r}")
@@ -139,12 +139,12 @@ class DataConfig:
     path: str = _field("qlora-faq", "A local .jsonl/.json/.csv/.parquet file or folder, a hub dataset id, or 'qlora-faq' for the bundled bilingual dataset.")
     format: str = _field("auto", "Example format: auto, messages, alpaca, prompt_completion or text.")
     train_split: str = _field("train", "Split used for training.")
-    validation_split: Union[str, None] = _field("validation", "Split used for validation; made from the training split when it does not exist.")
+    validation_split: str | None = _field("validation", "Split used for validation; made from the training split when it does not exist.")
     validation_size: float = _field(0.1, "Fraction of the training split held out when there is no validation split.")
     max_length: int = _field(512, "Longest sequence in tokens; longer examples are truncated and counted.")
     train_on_prompt: bool = _field(False, "Also compute the loss on prompt tokens (off: loss on answers only).")
     packing: bool = _field(True, "Concatenate examples up to max_length without cross-example attention, to waste no compute on padding.")
-    languages: Union[list[str], None] = _field(None, "Keep only examples whose 'lang' field is in this list (the bundled dataset has en and fr).")
+    languages: list[str] | None = _field(None, "Keep only examples whose 'lang' field is in this list (the bundled dataset has en and fr).")
 
     def __post_init__(self) -> None:
         formats = ("auto", "messages", "alpaca", "prompt_completion", "text")
@@ -168,12 +168,12 @@ class TrainingConfig:
     weight_decay: float = _field(0.0, "AdamW weight decay on the adapters.")
     optim: str = _field("auto", "Optimizer: auto (paged_adamw_32bit on CUDA, adamw_torch on the CPU) or any TrainingArguments optim name.")
     gradient_checkpointing: bool = _field(True, "Recompute activations in the backward pass (non-reentrant) to save memory.")
-    bf16: Union[bool, str] = _field("auto", "Mixed precision in bf16: auto (where supported), true or false.")
+    bf16: bool | str = _field("auto", "Mixed precision in bf16: auto (where supported), true or false.")
     logging_steps: int = _field(10, "Log the loss every N optimizer steps.")
     save_steps: int = _field(100, "Write a checkpoint every N optimizer steps.")
     save_total_limit: int = _field(2, "Checkpoints kept on disk (the best one is always kept).")
-    eval_steps: Union[int, None] = _field(None, "Evaluate every N steps (default: save_steps).")
-    early_stopping_patience: Union[int, None] = _field(None, "Stop after N evaluations without improvement of the validation loss.")
+    eval_steps: int | None = _field(None, "Evaluate every N steps (default: save_steps).")
+    early_stopping_patience: int | None = _field(None, "Stop after N evaluations without improvement of the validation loss.")
     auto_find_batch_size: bool = _field(False, "Halve the batch size on out-of-memory errors until a step fits.")
     seed: int = _field(42, "Random seed for data order, dropout and adapter initialisation.")
     report_to: list[str] = _field(["tensorboard"], "Loggers: tensorboard, none, wandb, ...")
@@ -195,7 +195,7 @@ class EvaluationConfig:
     split: str = _field("test", "Split that is evaluated.")
     batch_size: int = _field(8, "Sequences per forward pass when computing perplexity.")
     max_new_tokens: int = _field(64, "Longest generated answer for BLEU and chrF.")
-    max_samples: Union[int, None] = _field(None, "Evaluate on the first N examples only (None: all).")
+    max_samples: int | None = _field(None, "Evaluate on the first N examples only (None: all).")
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "evaluation.batch_size", "must be a positive integer")
@@ -217,7 +217,7 @@ class Recipe:
     name: str = _field("custom", "Short name of the recipe.")
     description: str = _field("", "One line saying what the recipe is for.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The base model."})
-    quantization: Union[QuantizationConfig, None] = field(default_factory=QuantizationConfig, metadata={"help": "4-bit storage of the base (null: plain LoRA)."})
+    quantization: QuantizationConfig | None = field(default_factory=QuantizationConfig, metadata={"help": "4-bit storage of the base (null: plain LoRA)."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The adapters."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The training data."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "The optimisation."})
