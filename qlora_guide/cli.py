@@ -133,6 +133,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         max_samples=args.max_samples,
         compare=args.compare,
         out_dir=args.out,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        generation=not args.no_generation,
+        performance=not args.no_speed,
+        overwrite=args.overwrite,
     )
     emit(report, args.json, evaluation.format_report)
 
@@ -140,7 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from qlora_guide import deployment
 
-    result = deployment.merge_adapter(args.adapter, args.out, overwrite=args.overwrite)
+    result = deployment.merge_adapter(args.adapter, args.out, overwrite=args.overwrite, check_parity=not args.no_parity)
     emit(result, args.json, deployment.format_merge_result)
 
 
@@ -148,19 +153,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from qlora_guide import deployment
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    deployment.generate(args.model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, stream=True)
+    deployment.generate(args.model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, system_prompt=args.system, stream=True)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from qlora_guide import deployment
 
-    deployment.chat(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature, system_prompt=args.system)
+    deployment.chat(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    system_prompt=args.system)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from qlora_guide import serving
 
-    serving.serve(args.model, host=args.host, port=args.port, max_tokens_limit=args.max_tokens_limit)
+    serving.serve(args.model, host=args.host, port=args.port, max_tokens_limit=args.max_tokens_limit,
+                  model_name=args.model_name, api_key=args.api_key or os.environ.get("QLORA_GUIDE_API_KEY"),
+                  context_length=args.context_length)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -224,8 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("evaluate", cmd_evaluate, "perplexity, BLEU, chrF and speed of a run, an adapter or a model")
     p.add_argument("run", help="a run or adapter folder, a merged folder, or " + MODEL_HELP)
     p.add_argument("--data", help="data to evaluate on (default: the run's recipe data, else the bundled dataset)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", help="split to evaluate (default: the recipe's evaluation split, else test)")
     p.add_argument("--max-samples", type=int, help="evaluate on the first N examples only")
+    p.add_argument("--batch-size", type=int, help="sequences per forward pass for perplexity")
+    p.add_argument("--max-new-tokens", type=int, help="longest generated answer for BLEU and chrF")
+    p.add_argument("--no-generation", action="store_true", help="perplexity only (no BLEU/chrF)")
+    p.add_argument("--no-speed", action="store_true", help="skip the load-time and tokens/s measurements")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
     p.add_argument("--compare", action="store_true", help="also evaluate the bf16 base, the 4-bit base and the merged model")
     p.add_argument("--out", help="write report.json and report.md into this folder")
 
@@ -233,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="a run or adapter folder")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-parity", action="store_true", help="skip the merged-vs-adapter parity check")
 
     for name, handler, text in (("generate", cmd_generate, "generate one answer, streamed"), ("chat", cmd_chat, "chat interactively (/reset, /exit)")):
         p = command(name, handler, text, json_flag=False)
@@ -241,14 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="smollm2-135m", help="an adapter folder, a merged folder, or " + MODEL_HELP)
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
-        if name == "chat":
-            p.add_argument("--system", help="a system prompt")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
+        p.add_argument("--system", help="a system prompt")
 
     p = command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API", json_flag=False)
     p.add_argument("model", nargs="?", default="smollm2-135m", help="an adapter folder, a merged folder, or " + MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--model-name", help="the model id clients send (default: the folder or model name)")
+    p.add_argument("--api-key", help="require this bearer token (or set QLORA_GUIDE_API_KEY)")
+    p.add_argument("--context-length", type=int, help="longest prompt + answer in tokens (default: the model's)")
 
     p = command("info", cmd_info, "show what a run or adapter folder holds")
     p.add_argument("dir")

@@ -1,0 +1,321 @@
+"""The OpenAI-compatible server, over real HTTP on loopback: the official client, raw requests, bad input."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import requests
+
+from qlora_guide import deployment
+from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.serving import TextAssembler, make_server
+
+KEY = "test-key"
+MODEL = "smollm2-135m"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def lm(model_cache):
+    return deployment.load_any(MODEL)
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    with make_server(lm, max_tokens_limit=32, default_max_tokens=8, max_body_bytes=64 * 1024, context_length=256, api_key=KEY) as srv:
+        srv.start()
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
+
+
+def post(server, path, body, key=KEY, **kwargs):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    return requests.post(server.url + path, data=data, headers=headers, timeout=120, **kwargs)
+
+
+def local_greedy_ids(lm, messages, max_tokens):
+    ids = deployment.chat_input_ids(lm.tokenizer, messages)
+    with lm.lock:
+        return deployment.greedy_ids(lm.model, ids, max_tokens)
+
+
+def local_greedy(lm, messages=None, prompt=None, max_tokens=8):
+    """What the model answers greedily without the server, as text, and its token count."""
+    import torch
+
+    if messages is not None:
+        ids = deployment.chat_input_ids(lm.tokenizer, messages)
+    else:
+        ids = torch.tensor([lm.tokenizer(prompt)["input_ids"]])
+    with lm.lock:
+        new = deployment.greedy_ids(lm.model, ids, max_tokens)
+    return lm.tokenizer.decode(new, skip_special_tokens=True), len(new), ids.shape[1]
+
+
+def assert_error(response, status, code=None, param=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+# ------------------------------------------------------------------ the happy paths
+
+
+def test_binds_loopback_and_lists_the_one_model(server, client):
+    assert server.host == "127.0.0.1"
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    health = requests.get(server.url.removesuffix("/v1") + "/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_chat_completion_is_the_models_greedy_answer(client, lm):
+    answer = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0)
+    text, tokens, prompt_tokens = local_greedy(lm, QUESTION, max_tokens=8)
+    assert answer.choices[0].message.content == text and "Paris" in text
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.usage.prompt_tokens == prompt_tokens and answer.usage.completion_tokens == tokens
+    assert answer.usage.total_tokens == prompt_tokens + tokens
+    ended = tokens < 8 or local_greedy_ids(lm, QUESTION, 8)[-1] == lm.tokenizer.eos_token_id
+    assert answer.choices[0].finish_reason == ("stop" if ended else "length")
+    assert answer.object == "chat.completion" and answer.model == MODEL and answer.id.startswith("chatcmpl-")
+
+
+def test_chat_streaming_gives_the_same_text_in_pieces(client):
+    whole = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert sum(1 for p in pieces if p) >= 2, "the answer arrives in several events"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_completions_continue_plain_text(client, lm):
+    prompt = "The capital of France is"
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    assert whole.choices[0].text == local_greedy(lm, prompt=prompt, max_tokens=6)[0]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True))
+    assert streamed == whole.choices[0].text
+    ids = lm.tokenizer(prompt)["input_ids"]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == whole.choices[0].text
+
+
+def test_raw_server_sent_events(server):
+    body = json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 6, "temperature": 0, "stream": True}).encode()
+    request = urllib.request.Request(server.url + "/chat/completions", data=body, headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_stop_strings_cut_the_answer_and_are_never_sent(client, lm):
+    text, _, _ = local_greedy(lm, QUESTION, max_tokens=8)
+    stop = "France"
+    assert stop in text
+    answer = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0, stop=[stop, "zzz"])
+    assert answer.choices[0].message.content == text[: text.index(stop)]
+    assert answer.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=8, temperature=0, stop=stop, stream=True) if c.choices]
+    assert "".join(pieces) == answer.choices[0].message.content  # nothing of the stop string was sent
+
+
+def test_text_assembler_holds_back_partial_stops_and_characters(lm):
+    tokenizer = lm.tokenizer
+    ids = tokenizer("Le café est à Paris.", add_special_tokens=False)["input_ids"]
+    assembler = TextAssembler(tokenizer, stop=["Paris"])
+    sent = [assembler.add(i) for i in ids]
+    assert "".join(sent) + assembler.finish() == "Le café est à "
+    assert all("\ufffd" not in piece for piece in sent)
+    free = TextAssembler(tokenizer, stop=[])
+    assert "".join(free.add(i) for i in ids) + free.finish() == "Le café est à Paris."
+
+
+def test_concurrent_requests_get_the_same_answers_as_sequential_ones(client):
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?", "Qu'est-ce que Paris ?"]
+
+    def ask(question, stream=False):
+        messages = [{"role": "user", "content": question}]
+        if stream:
+            chunks = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0).choices[0].message.content
+
+    sequential = [ask(q) for q in questions]
+    jobs = [(q, i % 2 == 1) for i, q in enumerate(questions * 2)]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        concurrent = list(pool.map(lambda job: ask(*job), jobs))
+    assert concurrent == sequential * 2
+
+
+# ------------------------------------------------------------------ bad input
+
+
+GOOD = {"model": MODEL, "messages": QUESTION, "max_tokens": 2, "temperature": 0}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code", "param"),
+    [
+        ("/chat/completions", b"{oops", 400, "invalid_json", None),
+        ("/chat/completions", b"[1, 2]", 400, "invalid_json", None),
+        ("/chat/completions", b"\xff\xfe{}", 400, "invalid_json", None),
+        ("/chat/completions", {**GOOD, "model": "gpt-4"}, 404, "model_not_found", "model"),
+        ("/chat/completions", {"messages": QUESTION}, 400, "missing_required_parameter", "model"),
+        ("/chat/completions", {**GOOD, "model": 3}, 400, "invalid_type", "model"),
+        ("/chat/completions", {**GOOD, "max_tokens": -5}, 400, "invalid_value", "max_tokens"),
+        ("/chat/completions", {**GOOD, "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+        ("/chat/completions", {**GOOD, "max_tokens": 10**12}, 400, "invalid_value", "max_tokens"),
+        ("/chat/completions", {**GOOD, "max_completion_tokens": 33}, 400, "invalid_value", "max_completion_tokens"),
+        ("/chat/completions", {**GOOD, "max_tokens": "8"}, 400, "invalid_type", "max_tokens"),
+        ("/chat/completions", {**GOOD, "max_tokens": True}, 400, "invalid_type", "max_tokens"),
+        ("/chat/completions", {**GOOD, "max_tokens": 2.5}, 400, "invalid_type", "max_tokens"),
+        ("/chat/completions", {**GOOD, "messages": "hello"}, 400, "invalid_type", "messages"),
+        ("/chat/completions", {**GOOD, "messages": []}, 400, "invalid_value", "messages"),
+        ("/chat/completions", {k: v for k, v in GOOD.items() if k != "messages"}, 400, "missing_required_parameter", "messages"),
+        ("/chat/completions", {**GOOD, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value", "messages[0].role"),
+        ("/chat/completions", {**GOOD, "messages": [{"role": "user", "content": 5}]}, 400, "invalid_type", "messages[0].content"),
+        ("/chat/completions", {**GOOD, "messages": ["hi"]}, 400, "invalid_type", "messages[0]"),
+        ("/chat/completions", {**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "invalid_content", None),
+        ("/chat/completions", {**GOOD, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded", "messages"),
+        ("/chat/completions", {**GOOD, "max_tokens": 30, "messages": [{"role": "user", "content": "word " * 220}]}, 400, "context_length_exceeded", "messages"),
+        ("/chat/completions", {**GOOD, "temperature": -1}, 400, "invalid_value", "temperature"),
+        ("/chat/completions", {**GOOD, "temperature": 3}, 400, "invalid_value", "temperature"),
+        ("/chat/completions", {**GOOD, "temperature": "hot"}, 400, "invalid_type", "temperature"),
+        ("/chat/completions", {**GOOD, "top_p": 0}, 400, "invalid_value", "top_p"),
+        ("/chat/completions", {**GOOD, "n": 2}, 400, "invalid_value", "n"),
+        ("/chat/completions", {**GOOD, "stream": "yes"}, 400, "invalid_type", "stream"),
+        ("/chat/completions", {**GOOD, "stop": [1]}, 400, "invalid_type", "stop"),
+        ("/chat/completions", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "stop"),
+        ("/chat/completions", {**GOOD, "logprobs": True}, 400, "unsupported_parameter", "logprobs"),
+        ("/chat/completions", {**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter", "tools"),
+        ("/chat/completions", {**GOOD, "stream_options": "yes", "stream": True}, 400, "invalid_type", "stream_options"),
+        ("/completions", {"model": MODEL, "max_tokens": 2}, 400, "missing_required_parameter", "prompt"),
+        ("/completions", {"model": MODEL, "prompt": 5}, 400, "invalid_type", "prompt"),
+        ("/completions", {"model": MODEL, "prompt": ""}, 400, "invalid_value", "prompt"),
+        ("/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "invalid_type", "prompt"),
+        ("/completions", {"model": MODEL, "prompt": [1, 10**9]}, 400, "invalid_value", "prompt"),
+        ("/completions", {"model": MODEL, "prompt": "Hi", "echo": True}, 400, "unsupported_parameter", "echo"),
+        ("/completions", {"model": MODEL, "prompt": "Hi", "best_of": 3}, 400, "unsupported_parameter", "best_of"),
+        ("/completions", {"model": "nope", "prompt": "Hi"}, 404, "model_not_found", "model"),
+    ],
+)
+def test_bad_requests_get_openai_style_errors(server, path, body, status, code, param):
+    assert_error(post(server, path, body), status, code, param)
+
+
+def test_http_level_errors_and_the_server_survives(server, client):
+    assert_error(post(server, "/chat/completions", b" " * (100 * 1024)), 413, "request_too_large")
+    assert_error(post(server, "/chat/completions", GOOD, key=None), 401, "invalid_api_key")
+    assert_error(post(server, "/chat/completions", GOOD, key="wrong"), 401, "invalid_api_key")
+    assert_error(requests.get(server.url + "/models", timeout=30), 401, "invalid_api_key")
+    assert_error(post(server, "/embeddings", GOOD), 404, "not_found")
+    assert_error(requests.delete(server.url + "/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30), 405, "method_not_allowed")
+    assert_error(requests.get(server.url + "/models/gpt-4", headers={"Authorization": f"Bearer {KEY}"}, timeout=30), 404, "model_not_found")
+
+    def raw(headers: dict[str, str], body: bytes = b"") -> tuple[int, dict]:
+        connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        connection.putrequest("POST", "/v1/chat/completions", skip_accept_encoding=True)
+        for name, value in {"Authorization": f"Bearer {KEY}", **headers}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body or None)
+        response = connection.getresponse()
+        result = response.status, json.loads(response.read())
+        connection.close()
+        return result
+
+    assert raw({})[0] == 411  # no Content-Length
+    assert raw({"Transfer-Encoding": "chunked"}, b"2\r\n{}\r\n0\r\n\r\n")[0] == 411
+    assert raw({"Content-Length": "-4"})[0] == 400
+    assert raw({"Content-Length": "abc"})[0] == 400
+
+    # after all that, the server still answers, on a fresh connection and on a kept-alive one
+    assert requests.get(server.url.removesuffix("/v1") + "/health", timeout=30).status_code == 200
+    with requests.Session() as session:
+        session.headers["Authorization"] = f"Bearer {KEY}"
+        assert session.post(server.url + "/chat/completions", data=b"{bad", timeout=60).status_code == 400
+        assert session.post(server.url + "/chat/completions", json=GOOD, timeout=60).json()["choices"][0]["message"]["content"]
+    assert client.chat.completions.create(**GOOD).choices[0].message.content
+
+
+def test_the_openai_client_sees_typed_errors(client, server):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=-1)
+    assert bad.value.code == "invalid_value" and bad.value.param == "max_tokens"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION, max_tokens=2)
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError) as long:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 400}], max_tokens=4)
+    assert long.value.code == "context_length_exceeded" and "maximum context length is 256" in long.value.message
+
+
+def test_a_client_that_leaves_mid_stream_does_not_block_the_others(server, client):
+    body = json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 32, "temperature": 0, "stream": True}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {server.host}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((server.host, server.port), timeout=60) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while b"data: " not in received:
+            received += sock.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200")
+    answer = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0)
+    assert answer.choices[0].message.content
+
+
+def test_port_in_use_is_a_one_line_error(lm):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(QLoRAGuideError, match="cannot listen on 127.0.0.1:"):
+            make_server(lm, port=taken.getsockname()[1])
+
+
+# ------------------------------------------------------------------ an adapter folder
+
+
+@pytest.mark.slow
+def test_serves_an_adapter_folder(tmp_path):
+    from test_deployment import make_adapter_run
+
+    run = make_adapter_run(tmp_path / "faq-adapter")
+    with make_server(run, max_tokens_limit=8) as srv:
+        srv.start()
+        assert srv.app.lm.kind == "adapter" and srv.app.lm.quantized
+        adapter_client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in adapter_client.models.list().data] == ["faq-adapter"]
+        answer = adapter_client.chat.completions.create(model="faq-adapter", messages=QUESTION, max_tokens=6, temperature=0)
+        assert answer.choices[0].message.content == local_greedy(srv.app.lm, QUESTION, max_tokens=6)[0]
