@@ -1,0 +1,138 @@
+"""Recipes: validation that names the key, overrides, bundled recipes, copying."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from qlora_guide.config import (
+    GUIDE_TARGET_MODULES,
+    RECIPES_DIR,
+    Recipe,
+    bundled_recipes,
+    copy_recipe,
+    field_help,
+    load_recipe,
+)
+from qlora_guide.errors import QLoRAGuideError
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(QLoRAGuideError, match=r"unknown recipe key 'lora\.rank' \(did you mean 'r'\?\)"):
+        load_recipe({"lora": {"rank": 8}})
+    with pytest.raises(QLoRAGuideError, match=r"'trainig'.*did you mean 'training'"):
+        load_recipe({"trainig": {}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(QLoRAGuideError, match=r"training\.per_device_train_batch_size: expected an integer, got 'four'"):
+        load_recipe({"training": {"per_device_train_batch_size": "four"}})
+    with pytest.raises(QLoRAGuideError, match=r"data\.packing: expected true or false"):
+        load_recipe({"data": {"packing": "yes please"}})
+    with pytest.raises(QLoRAGuideError, match=r"^lora: must be a mapping"):
+        load_recipe({"lora": 16})
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("lora.r=0", "lora.r"), ("lora.r=-4", "lora.r"), ("training.learning_rate=-1e-4", "training.learning_rate"),
+     ("data.max_length=4", "data.max_length"), ("quantization.bnb_4bit_quant_type=int3", "quantization.bnb_4bit_quant_type")],
+)
+def test_bad_values_are_named(override, key):
+    with pytest.raises(QLoRAGuideError) as err:
+        load_recipe("demo", [override])
+    assert str(err.value).startswith(key)
+    assert "\n" not in str(err.value)
+
+
+def test_overrides_are_read_as_yaml_and_validated():
+    recipe = load_recipe("demo", [
+        "training.learning_rate=1e-4", "lora.target_modules=[q_proj, v_proj]", "data.languages=[fr]",
+        "training.bf16=false", "quantization=null",
+    ])
+    assert recipe.training.learning_rate == 1e-4
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+    assert recipe.data.languages == ["fr"]
+    assert recipe.training.bf16 is False
+    assert recipe.quantization is None  # plain LoRA, same code path
+    with pytest.raises(QLoRAGuideError, match=r"unknown recipe key 'training\.learning_rte'"):
+        load_recipe("demo", ["training.learning_rte=1e-4"])
+    with pytest.raises(QLoRAGuideError, match="must look like section.key=value"):
+        load_recipe("demo", ["learning_rate"])
+
+
+def test_every_bundled_recipe_loads_and_documents_its_command():
+    recipes = bundled_recipes()
+    assert {"demo", "mistral-7b", "llama-3-8b", "llama-3-70b-fsdp"} <= set(recipes)
+    assert "fsdp_qlora" not in recipes  # launcher configs in subfolders are not recipes
+    for name, path in recipes.items():
+        recipe = load_recipe(name)
+        assert recipe.name == name
+        header = path.read_text().split("\nname:")[0]
+        assert header.startswith("#") and "qlora-guide" in header and "--set" in header, name
+        assert load_recipe(recipe.to_dict()) == recipe  # the resolved YAML written next to a run loads back
+
+
+def test_mistral_recipe_has_the_guides_exact_settings():
+    r = load_recipe("mistral-7b")
+    q = r.quantization
+    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == (True, "nf4", True, "bfloat16")
+    assert (r.lora.r, r.lora.lora_alpha, r.lora.lora_dropout, r.lora.bias) == (64, 16, 0.05, "none")
+    assert r.lora.target_modules == GUIDE_TARGET_MODULES
+    t = r.training
+    assert (t.num_train_epochs, t.per_device_train_batch_size, t.gradient_accumulation_steps, t.learning_rate) == (3, 4, 4, 2e-4)
+    assert (t.logging_steps, t.save_steps, t.save_total_limit, t.max_grad_norm, t.warmup_ratio) == (10, 100, 2, 0.3, 0.03)
+
+
+def test_fsdp_recipe_stores_4bit_codes_in_the_model_dtype():
+    r = load_recipe("llama-3-70b-fsdp")
+    assert r.quantization.bnb_4bit_quant_storage == r.model.dtype == "bfloat16"
+    launcher = yaml.safe_load((RECIPES_DIR / "accelerate" / "fsdp_qlora.yaml").read_text())
+    assert launcher["distributed_type"] == "FSDP"
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  r: 8\n   lora_alpha: [16\n")
+    with pytest.raises(QLoRAGuideError, match=r"not valid YAML line \d"):
+        load_recipe(bad)
+    with pytest.raises(QLoRAGuideError, match="no recipe 'nope'"):
+        load_recipe("nope")
+
+
+def test_copy_recipe_never_overwrites_unasked(tmp_path):
+    [written] = copy_recipe("demo", tmp_path)
+    assert written == tmp_path / "demo.yaml"
+    assert load_recipe(written) == load_recipe("demo")
+    written.write_text("# my edits\n" + written.read_text())
+    with pytest.raises(QLoRAGuideError, match="already exists"):
+        copy_recipe("demo", tmp_path)
+    assert written.read_text().startswith("# my edits")
+    copy_recipe("demo", tmp_path, overwrite=True)
+    assert not written.read_text().startswith("# my edits")
+    renamed = copy_recipe("demo", tmp_path / "sub" / "mine.yaml")
+    assert renamed == [tmp_path / "sub" / "mine.yaml"]
+    with pytest.raises(QLoRAGuideError, match="no bundled recipe 'demos'"):
+        copy_recipe("demos", tmp_path)
+
+
+def test_copy_fsdp_recipe_brings_its_launcher_config(tmp_path):
+    recipe, launcher = copy_recipe("llama-3-70b-fsdp", tmp_path)
+    assert launcher.name == "accelerate_fsdp_qlora.yaml"
+    assert launcher.name in recipe.read_text()  # the command in the header names the copied file
+
+
+def test_library_objects_match_the_recipe():
+    r = load_recipe("mistral-7b")
+    bnb = r.quantization.to_bnb()
+    assert bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant and str(bnb.bnb_4bit_compute_dtype) == "torch.bfloat16"
+    lora = r.lora.to_peft()
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias) == (64, 16, 0.05, "none")
+    assert set(lora.target_modules) == set(GUIDE_TARGET_MODULES)
+
+
+def test_every_field_has_help():
+    for cls in (Recipe, *{type(getattr(Recipe(), f.name)) for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(getattr(Recipe(), f.name))}):
+        assert all(field_help(cls).values()), cls.__name__

@@ -1,0 +1,350 @@
+"""Training on the real embedded model: packing isolation, masking, gradient parity, runs, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qlora_guide.config import DataConfig, QuantizationConfig, load_recipe
+from qlora_guide.data import IGNORE_INDEX, Collator, load_examples, pack, tokenize
+from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.training import (
+    COMPLETE_MARKER,
+    build_model,
+    check_output_dir,
+    latest_checkpoint,
+    mark_complete,
+    resolve_precision,
+    train,
+    validation_loss,
+)
+
+torch = pytest.importorskip("torch")
+FP32 = QuantizationConfig(bnb_4bit_compute_dtype="float32")
+
+
+def load(quantization=None, attn="sdpa"):
+    from qlora_guide.models import load_model
+
+    return load_model("smollm2-135m", quantization=quantization, dtype="float32", device_map="cpu", attn_implementation=attn).eval()
+
+
+def tokenized_rows(tokenizer, n=6, max_length=256):
+    """The first n examples of the bundled training split, tokenized (answer-only labels), unpacked."""
+    data = DataConfig(max_length=max_length, packing=False)
+    ds = load_examples(data)["train"].select(range(n))
+    rows, _ = tokenize(ds, tokenizer, data)
+    return [dict(r) for r in rows]
+
+
+# ---------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_examples_do_not_attend_to_each_other(tokenizer, attn):
+    model = load(attn=attn)
+    assert model.config.use_cache  # the collator itself must switch the cache off, or packing is ignored
+    rows = tokenized_rows(tokenizer, n=3)
+    [packed] = pack(rows, max_length=1024)
+    batch = Collator(tokenizer.pad_token_id)([packed])
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        naive = model(input_ids=batch["input_ids"]).logits[0]  # one long sequence: attention crosses examples
+    start = 0
+    for i in range(3):
+        segment = [r for r in rows if r["input_ids"] == packed["input_ids"][start : start + len(r["input_ids"])]][0]
+        n = len(segment["input_ids"])
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([segment["input_ids"]])).logits[0]
+        assert torch.allclose(logits[start : start + n], alone, atol=2e-3, rtol=1e-3), f"example {i} sees its neighbours"
+        if start > 0:
+            assert (naive[start : start + n] - alone).abs().max() > 0.1  # the check above is sensitive
+        start += n
+
+
+def test_packed_loss_equals_unpacked_loss(tokenizer):
+    model = load(quantization=FP32)
+    rows = tokenized_rows(tokenizer, n=8)
+    collator = Collator(tokenizer.pad_token_id)
+    unpacked = [collator(rows[i : i + 3]) for i in range(0, len(rows), 3)]
+    packed_rows = pack(rows, max_length=300)
+    assert len(packed_rows) < len(rows)
+    packed = [collator(packed_rows[i : i + 2]) for i in range(0, len(packed_rows), 2)]
+    loss_u, n_u = validation_loss(model, unpacked)
+    loss_p, n_p = validation_loss(model, packed)
+    assert n_u == n_p == sum(sum(label != IGNORE_INDEX for label in r["labels"]) for r in rows)
+    assert loss_p == pytest.approx(loss_u, rel=1e-4)
+
+
+# ---------------------------------------------------------------- masking
+
+
+def test_no_loss_on_prompt_tokens(tokenizer):
+    model = load(quantization=FP32)
+    rows = tokenized_rows(tokenizer, n=2)
+    batch = Collator(tokenizer.pad_token_id)(rows)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits.detach().requires_grad_(True)
+    loss = model.loss_function(logits, batch["labels"], vocab_size=model.config.vocab_size)
+    loss.backward()
+    predicts_answer = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    predicts_answer[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+    grad = logits.grad.abs().sum(-1)
+    assert (grad[~predicts_answer] == 0).all()  # prompt and padding positions get no gradient
+    assert (grad[predicts_answer] > 0).all()
+    manual = torch.nn.functional.cross_entropy(logits.detach()[predicts_answer], batch["input_ids"][:, 1:][predicts_answer[:, :-1]])
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- gradients through 4-bit weights
+
+
+def _lora_grads(model, batch, seed=0):
+    import peft
+
+    from qlora_guide.config import LoraConfig
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0).to_peft())
+    torch.manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)  # a non-zero B, so that A gets gradients too
+    model.train()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_gradients_match_on_4bit_and_dequantized_fp32_weights(tokenizer):
+    import bitsandbytes.functional as bnbf
+
+    quantized, dense = load(quantization=FP32), load()
+    replaced = 0
+    for name, module in quantized.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            target = dense.get_submodule(name)
+            assert (target.weight - weight).abs().max() > 0  # NF4 really changed the weights
+            target.weight.data.copy_(weight)
+            replaced += 1
+    assert replaced == 7 * quantized.config.num_hidden_layers
+    batch = Collator(tokenizer.pad_token_id)(tokenized_rows(tokenizer, n=2))
+    g4, g32 = _lora_grads(quantized, batch), _lora_grads(dense, batch)
+    assert g4.keys() == g32.keys() and len(g4) == 2 * replaced
+    diff = torch.sqrt(sum(((g4[k] - g32[k]) ** 2).sum() for k in g4))
+    norm = torch.sqrt(sum((g32[k] ** 2).sum() for k in g32))
+    assert norm > 0 and diff / norm < 0.02
+
+
+def test_an_evaluation_pass_does_not_cut_the_gradients(tiny_recipe, tokenizer):
+    recipe = load_recipe(tiny_recipe)
+    model = build_model(recipe, resolve_precision(recipe))
+    batch = Collator(tokenizer.pad_token_id)(tokenized_rows(tokenizer, n=2, max_length=128))
+    validation_loss(model, [batch])  # eval mode, no gradients: bitsandbytes may switch to an inference-only kernel
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    model.train()
+    model(**batch).loss.backward()
+    first_layer = [p.grad for n, p in model.named_parameters() if "layers.0." in n and p.requires_grad]
+    assert first_layer and all(g is not None and g.abs().sum() > 0 for g in first_layer)
+
+
+# ---------------------------------------------------------------- a whole run
+
+
+def test_train_writes_a_complete_run(tiny_recipe):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    tiny_recipe["training"]["report_to"] = ["tensorboard"]
+    result = train(tiny_recipe)
+    out = Path(tiny_recipe["output"]["dir"])
+    adapter = out / "adapter"
+    assert result.adapter_dir == adapter
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in adapter.iterdir()}
+    assert not (adapter / "training_args.bin").exists() and not list(out.glob(".*tmp"))
+    assert load_recipe(out / "recipe.yaml") == load_recipe(tiny_recipe)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 7 and manifest["base_model"] == "smollm2-135m"
+    assert manifest["data"]["train_fingerprint"] == result.train_stats.fingerprint and len(result.train_stats.fingerprint) == 64
+    assert manifest["versions"]["peft"] and manifest["versions"]["bitsandbytes"]
+    assert manifest["trainable_params"] == result.trainable_params > 0
+    assert 0 < result.trainable_percent < 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 4
+    assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"])
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in h for h in history) and any("eval_loss" in h for h in history)
+    assert all("mem_rss_mb" in h or "mem_cuda_peak_allocated_mb" in h for h in history)
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints and all((c / COMPLETE_MARKER).is_file() for c in checkpoints)
+    # the adapter is the best checkpoint's, and loads on the base model
+    best = Path(metrics["best_checkpoint"])
+    saved, kept = load_file(adapter / "adapter_model.safetensors"), load_file(best / "adapter_model.safetensors")
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
+    assert isinstance(PeftModel.from_pretrained(load(), str(adapter)), PeftModel)
+
+    # a second run into the same folder is refused and touches nothing
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(QLoRAGuideError, match="already holds a run: pass --resume .* or --overwrite"):
+        train(tiny_recipe)
+    with pytest.raises(QLoRAGuideError, match="already finished"):
+        train(tiny_recipe, resume=True)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_bad_input_is_refused_before_anything_is_written(tiny_recipe, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(QLoRAGuideError, match=r"lora.target_modules: 'c_attn' is not a module of llama \(its linear layers: .*q_proj"):
+        train(tiny_recipe, ["lora.target_modules=[q_proj, c_attn]"], output_dir=out)
+    with pytest.raises(QLoRAGuideError, match=r"^lora.r: must be a positive integer"):
+        train(tiny_recipe, ["lora.r=0"], output_dir=out)
+    with pytest.raises(QLoRAGuideError, match=r"^training.learning_rate: must be positive"):
+        train(tiny_recipe, ["training.learning_rate=-0.001"], output_dir=out)
+    with pytest.raises(QLoRAGuideError, match="does not exist"):
+        train(tiny_recipe, [f"data.path={tmp_path / 'missing.jsonl'}"], output_dir=out)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(QLoRAGuideError, match="holds no examples"):
+        train(tiny_recipe, [f"data.path={tmp_path / 'empty.jsonl'}"], output_dir=out)
+    assert not out.exists()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(QLoRAGuideError, match="not empty and holds no qlora-guide run"):
+        train(tiny_recipe, output_dir=precious, overwrite=True)
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+
+
+def test_nan_loss_stops_the_run_with_one_line(tiny_recipe):
+    overrides = ["training.learning_rate=1000", "training.max_grad_norm=1e9", "training.max_steps=6",
+                 "training.bf16=false", "data.validation_split=null"]
+    with pytest.raises(QLoRAGuideError, match=r"^training stopped at step \d+: the loss became (nan|inf)") as err:
+        train(tiny_recipe, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_checkpoints_without_their_marker_are_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        (root / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"x" * step)
+    mark_complete(root / "checkpoint-2", 2)
+    mark_complete(root / "checkpoint-4", 4)
+    (root / "checkpoint-4" / "optimizer.pt").write_bytes(b"x")  # truncated after the marker was written
+    assert latest_checkpoint(tmp_path) == root / "checkpoint-2"
+    assert latest_checkpoint(tmp_path, delete_incomplete=True) == root / "checkpoint-2"
+    assert [p.name for p in root.iterdir()] == ["checkpoint-2"]
+
+
+def test_output_folder_rules(tmp_path):
+    check_output_dir(tmp_path / "new", resume=False, overwrite=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("name: x\n")
+    with pytest.raises(QLoRAGuideError, match="already holds a run"):
+        check_output_dir(run, resume=False, overwrite=False)
+    check_output_dir(run, resume=False, overwrite=True)
+    check_output_dir(run, resume=True, overwrite=False)
+    with pytest.raises(QLoRAGuideError, match="holds no run to resume"):
+        check_output_dir(tmp_path / "new", resume=True, overwrite=False)
+    with pytest.raises(QLoRAGuideError, match="one of --resume and --overwrite"):
+        check_output_dir(run, resume=True, overwrite=True)
+
+
+def test_resume_refuses_a_different_recipe(tiny_recipe, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.yaml").write_text(load_recipe(tiny_recipe).to_yaml())
+    with pytest.raises(QLoRAGuideError, match=r"differs from the one the run started with \(training.learning_rate\)"):
+        train(tiny_recipe, ["training.learning_rate=0.01"], resume=True)
+
+
+# ---------------------------------------------------------------- slow: demo, resume after SIGKILL, DDP
+
+
+@pytest.mark.slow
+def test_demo_recipe_lowers_the_validation_loss(tmp_path):
+    # the demo recipe, half its steps (CI time): the validation loss is down by about 0.7 at step 20
+    result = train("demo", ["training.max_steps=20", "training.eval_steps=10", "training.save_steps=10"], output_dir=tmp_path / "demo")
+    assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"] - 0.3
+
+
+def _script(tmp_path: Path, recipe: dict, body: str) -> Path:
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    script = tmp_path / "run_train.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from qlora_guide.training import train\n"
+        f"recipe = json.load(open({str(tmp_path / 'recipe.json')!r}))\n" + body
+    )
+    return script
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_with_the_same_adapter(tiny_recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    tiny_recipe["data"]["validation_split"] = None  # the adapter is the last step's: nothing chooses a 'best'
+    tiny_recipe["training"].update(max_steps=6, save_steps=2, save_total_limit=3, learning_rate=3e-3)
+    straight = train(tiny_recipe, output_dir=tmp_path / "straight")
+
+    killed = tmp_path / "killed"
+    script = _script(tmp_path, tiny_recipe, f"train(recipe, output_dir={str(killed)!r})\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "checkpoints" / "checkpoint-2" / COMPLETE_MARKER
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (killed / "adapter").exists(), "the run was not killed between checkpoints"
+
+    resumed = train(tiny_recipe, output_dir=killed, resume=True)
+    assert resumed.resumed_from and resumed.metrics["global_step"] == 6
+    a = load_file(straight.adapter_dir / "adapter_model.safetensors")
+    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+    assert resumed.metrics["train_tokens"] < straight.metrics["train_tokens"]  # it continued, it did not start again
+    history = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]  # the killed run's extra lines were trimmed
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tiny_recipe, tmp_path):
+    out = tmp_path / "ddp"
+    tiny_recipe["training"].update(max_steps=3, save_steps=3)
+    body = (
+        f"result = train(recipe, output_dir={str(out)!r})\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK']), 'w').write(str(result.metrics['global_step']))\n"
+    )
+    script = _script(tmp_path, tiny_recipe, body)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "3"
+    assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
+    assert [p.name for p in out.iterdir() if "adapter" in p.name] == ["adapter"]  # written once, no leftover
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+def test_cuda_uses_paged_adamw_and_bf16(tiny_recipe):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    result = train(tiny_recipe)
+    manifest = json.loads((result.output_dir / "manifest.json").read_text())
+    assert manifest["precision"]["optim"] == "paged_adamw_32bit"
+    assert manifest["precision"]["bf16"] == torch.cuda.is_bf16_supported()
+    assert result.metrics["mem_cuda_peak_allocated_mb"] > 0
