@@ -12,12 +12,14 @@ examples of the bundled dataset, once each, in this process:
           no gradient checkpointing on a model this small.
 
 Reported: non-padding tokens trained per second (tokens the collator delivered,
-padding excluded, divided by the Trainer's training time), padding, and the
-validation loss on the answers of the bundled validation split after training
-(the same measure for both, computed here, not by either run).
+padding excluded, divided by the Trainer's training time; each recipe runs
+``--repeats`` times in the order guide, ours, ours, guide so that a load that
+drifts during the benchmark weighs on both alike), padding, and the validation
+loss on the answers of the bundled validation split after training (the same
+measure for both, computed here, not by either run).
 
-    python benchmarks/bench_training.py                 # 96 examples
-    python benchmarks/bench_training.py --examples 32   # quicker
+    python benchmarks/bench_training.py                              # 96 examples, 2 runs each
+    python benchmarks/bench_training.py --examples 32 --repeats 1    # quicker
 
 On a CUDA GPU, ``--mistral-shapes`` instead runs the ``mistral-7b`` recipe, as
 is, for a few steps on a randomly initialised model of Mistral-7B's shapes
@@ -145,6 +147,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=96, help="training examples, the same for both runs")
     parser.add_argument("--validation", type=int, default=46, help="validation examples for the loss after training")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each, in the order guide, ours, ours, guide, ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--mistral-shapes", action="store_true", help="CUDA: the mistral-7b recipe on a random Mistral-7B-shaped model")
@@ -161,24 +164,30 @@ def main() -> int:
     write_subset(data_dir, args.examples, args.validation, args.seed)
     figures: dict[str, dict] = {}
     base_loss, _ = answer_loss(None, data_dir)
-    for name, (recipe, overrides) in recipes(data_dir).items():
-        started = time.time()
-        result = train(recipe, overrides, output_dir=work / name)
+    runs = recipes(data_dir)
+    order = (["guide", "ours", "ours", "guide"] * args.repeats)[: 2 * args.repeats]  # ABBA: a drifting load hits both alike
+    for i, name in enumerate(order):
+        recipe, overrides = runs[name]
+        result = train(recipe, overrides, output_dir=work / f"{name}-{i}")
         m = result.metrics
-        loss, tokens = answer_loss(result.adapter_dir, data_dir)
-        figures[name] = {
-            "recipe": recipe,
-            "examples": result.train_stats.examples,
-            "sequences": result.train_stats.sequences,
-            "optimizer_steps": m["global_step"],
-            "tokens": m["train_tokens"],
-            "padding_tokens": m["train_padding_tokens"],
-            "loss_tokens": result.train_stats.answer_tokens,
-            "train_seconds": m["train_runtime"],
-            "tokens_per_second": m["train_tokens"] / m["train_runtime"],
-            "validation_answer_loss": loss,
-            "wall_seconds": time.time() - started,
-        }
+        if name not in figures:  # same seed, same data: the adapter (and its validation loss) is the same every time
+            loss, _ = answer_loss(result.adapter_dir, data_dir)
+            figures[name] = {
+                "recipe": recipe,
+                "examples": result.train_stats.examples,
+                "sequences": result.train_stats.sequences,
+                "optimizer_steps": m["global_step"],
+                "tokens": m["train_tokens"],
+                "padding_tokens": m["train_padding_tokens"],
+                "loss_tokens": result.train_stats.answer_tokens,
+                "runs_seconds": [],
+                "validation_answer_loss": loss,
+            }
+        figures[name]["runs_seconds"].append(m["train_runtime"])
+    for f in figures.values():
+        f["train_seconds"] = sum(f["runs_seconds"]) / len(f["runs_seconds"])
+        f["tokens_per_second"] = f["tokens"] / f["train_seconds"]
+        f["runs_tokens_per_second"] = [f["tokens"] / t for t in f["runs_seconds"]]
     guide, ours = figures["guide"], figures["ours"]
     rows = [
         ("training examples", "examples", "{:d}"),
@@ -187,7 +196,7 @@ def main() -> int:
         ("non-padding tokens", "tokens", "{:,}"),
         ("padding tokens", "padding_tokens", "{:,}"),
         ("tokens with a loss", "loss_tokens", "{:,}"),
-        ("training time (s)", "train_seconds", "{:.1f}"),
+        ("training time (s, mean)", "train_seconds", "{:.1f}"),
         ("non-padding tokens / s", "tokens_per_second", "{:.1f}"),
         ("validation loss (answers)", "validation_answer_loss", "{:.4f}"),
     ]
@@ -196,6 +205,8 @@ def main() -> int:
     for label, key, fmt in rows:
         print(f"{label:28}{fmt.format(guide[key]):>18}{fmt.format(ours[key]):>16}")
     print(f"{'validation loss before':28}{base_loss:>18.4f}{base_loss:>16.4f}")
+    print(f"{'tokens / s of each run':28}{' '.join(f'{x:.1f}' for x in guide['runs_tokens_per_second']):>18}"
+          f"{' '.join(f'{x:.1f}' for x in ours['runs_tokens_per_second']):>16}")
     speedup = ours["tokens_per_second"] / guide["tokens_per_second"]
     print(f"\nspeed-up (non-padding tokens/s): {speedup:.2f}x; validation loss: "
           f"{'equal or lower' if ours['validation_answer_loss'] <= guide['validation_answer_loss'] else 'HIGHER'} with qlora-guide")

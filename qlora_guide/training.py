@@ -80,6 +80,21 @@ class TrainResult:
     def trainable_percent(self) -> float:
         return 100 * self.trainable_params / self.all_params if self.all_params else 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (for ``qlora-guide train --json``)."""
+        return {
+            "output_dir": str(self.output_dir),
+            "adapter_dir": str(self.adapter_dir),
+            "metrics": self.metrics,
+            "trainable_params": self.trainable_params,
+            "all_params": self.all_params,
+            "trainable_percent": self.trainable_percent,
+            "train_stats": self.train_stats.to_dict(),
+            "validation_stats": self.validation_stats.to_dict() if self.validation_stats else None,
+            "resumed_from": self.resumed_from,
+            "notes": self.notes,
+        }
+
 
 def format_train_result(result: TrainResult) -> str:
     """A few lines summarising a run, for the CLI and the docs pages."""
@@ -684,15 +699,22 @@ def _make_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData
 
 def _final_metrics(trainer: Any, output: Any, data: PreparedData, initial_eval: float | None, seconds: float) -> dict[str, Any]:
     """Final figures: training loss and speed, and the validation loss of the kept (best) adapter."""
+    import torch
+
     state = trainer.state
+    tokens = torch.tensor([data.collator.real_tokens, data.collator.padded_tokens], device=trainer.args.device)
+    if trainer.args.world_size > 1:  # every process counted its own batches
+        tokens = trainer.accelerator.reduce(tokens, reduction="sum")
+    real, padding = (int(t) for t in tokens.tolist())
+    runtime = output.metrics.get("train_runtime", seconds)
     metrics: dict[str, Any] = {
         "global_step": state.global_step,
         "epoch": state.epoch,
         "train_loss": output.training_loss,
-        "train_runtime": output.metrics.get("train_runtime", seconds),
-        "train_tokens": data.collator.real_tokens,
-        "train_padding_tokens": data.collator.padded_tokens,
-        "train_tokens_per_second": data.collator.real_tokens / max(output.metrics.get("train_runtime", seconds), 1e-9),
+        "train_runtime": runtime,
+        "train_tokens": real,
+        "train_padding_tokens": padding,
+        "train_tokens_per_second": real / max(runtime, 1e-9),
         "best_checkpoint": state.best_model_checkpoint,
         "stopped_early": state.max_steps > state.global_step,
         **memory_stats(),

@@ -178,6 +178,7 @@ def test_train_writes_a_complete_run(tiny_recipe):
     assert manifest["versions"]["peft"] and manifest["versions"]["bitsandbytes"]
     assert manifest["trainable_params"] == result.trainable_params > 0
     assert 0 < result.trainable_percent < 1
+    assert json.loads(json.dumps(result.to_dict()))["adapter_dir"] == str(adapter)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 4
     assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"])
@@ -222,6 +223,13 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_recipe, tmp_path):
     with pytest.raises(QLoRAGuideError, match="not empty and holds no qlora-guide run"):
         train(tiny_recipe, output_dir=precious, overwrite=True)
     assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+
+
+def test_plain_lora_is_the_same_path_without_quantization(tiny_recipe):
+    result = train(tiny_recipe, ["quantization=null", "training.max_steps=2", "data.validation_split=null"])
+    manifest = json.loads((result.output_dir / "manifest.json").read_text())
+    assert result.metrics["global_step"] == 2 and manifest["trainable_params"] == result.trainable_params
+    assert load_recipe(result.output_dir / "recipe.yaml").quantization is None
 
 
 def test_nan_loss_stops_the_run_with_one_line(tiny_recipe):
@@ -320,6 +328,14 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(tiny_recipe, tmp_path):
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]  # the killed run's extra lines were trimmed
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tiny_recipe, tmp_path):
     out = tmp_path / "ddp"
@@ -330,7 +346,7 @@ def test_two_process_ddp_on_cpu(tiny_recipe, tmp_path):
     )
     script = _script(tmp_path, tiny_recipe, body)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "3"
