@@ -28,6 +28,7 @@ def plot_loss_curves(log_history: list[dict[str, Any]], title: str = "Training a
     point of the curve.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from qlora_guide.errors import QLoRAGuideError
 
@@ -51,6 +52,7 @@ def plot_loss_curves(log_history: list[dict[str, Any]], title: str = "Training a
         ax.plot(*kept, color=PART1_COLOURS["blue"], marker="*", markersize=14, linestyle="none",
                 label="validation loss of the kept adapter")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy loss", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     plt.close(fig)  # the caller displays the returned figure; pyplot must not show it a second time
