@@ -8,8 +8,9 @@ examples of the bundled dataset, once each, in this process:
           handling of the guide's code: every batch padded to its longest
           example, no packing, the loss on every token (prompt included).
 * ours    the ``demo`` recipe as ``qlora-guide train demo`` runs it: packed rows
-          with a block-diagonal attention mask, loss on the answers only, r=16,
-          no gradient checkpointing on a model this small.
+          with a block-diagonal attention mask, loss (and output-layer logits)
+          on the answers only, r=16, no adapter dropout and no gradient
+          checkpointing on a model this small.
 
 Reported: non-padding tokens trained per second (tokens the collator delivered,
 padding excluded, divided by the Trainer's training time; each recipe runs

@@ -413,13 +413,82 @@ def validation_loss(model: Any, batches: Any, autocast: Any = contextlib.nullcon
     return (total / count if count else float("nan")), count
 
 
+class AnswerOnlyLogits:
+    """Compute the output layer only at the positions that have a label.
+
+    With the loss on answers only, the logits of the prompt tokens are thrown
+    away: the model is asked for the last position's logits only
+    (``logits_to_keep=1``), the final hidden states are caught on their way out
+    of the decoder, and the output layer runs on the labelled positions alone.
+    On the demo recipe (half the tokens are prompt) that saves about a tenth of
+    a training step on a CPU. The first batch is checked against the model's
+    own loss; a model that transforms its logits (soft-capping, scaling) fails
+    the check and keeps the ordinary path.
+    """
+
+    def __init__(self, model: Any) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder, self.head = base.get_decoder(), base.get_output_embeddings()
+        self.checked: bool | None = None  # None: not checked yet
+
+    def loss(self, model: Any, inputs: dict[str, Any], labels: Any, num_items: Any = None) -> Any:
+        import torch.nn.functional as F
+
+        caught: list[Any] = []
+        handle = self.decoder.register_forward_hook(lambda _m, _a, out: caught.append(out.last_hidden_state))
+        try:
+            model(**inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = self.head(caught[-1][:, :-1][keep]).float()
+        total = F.cross_entropy(logits, target[keep], reduction="sum")
+        return total / (num_items if num_items is not None else keep.sum().clamp(min=1))
+
+    def check(self, model: Any, inputs: dict[str, Any], labels: Any, autocast: Any) -> bool:
+        """Compare with the model's own loss once (eval mode: no dropout); keep the result."""
+        import torch
+
+        if self.checked is None:
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad(), autocast():
+                    ours = float(self.loss(model, inputs, labels))
+                    reference = float(model(**inputs, labels=labels).loss)
+                self.checked = abs(ours - reference) <= 1e-3 * max(1.0, abs(reference))
+            except (AttributeError, TypeError) as err:  # no get_decoder, no logits_to_keep...
+                log.info("answer-only logits unavailable (%s): computing all logits", err)
+                self.checked = False
+            model.train(was_training)
+            if not self.checked:
+                log.info("the model's loss is not the plain cross-entropy of its output layer: computing all logits")
+        return self.checked
+
+
 def _trainer_class() -> type:
-    """transformers' Trainer with a token-weighted evaluation, a memory log and a NaN/inf guard."""
+    """transformers' Trainer with answer-only logits, a token-weighted evaluation, a memory log and a NaN/inf guard."""
     import torch
     from transformers import Trainer
     from transformers.trainer_utils import EvalLoopOutput
 
     class QLoRATrainer(Trainer):
+        answer_only: AnswerOnlyLogits | None = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            head = self.answer_only
+            if head is None or return_outputs or "labels" not in inputs or not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            if not head.check(model, inputs, labels, self.autocast_smart_context_manager):
+                return super().compute_loss(model, {**inputs, "labels": labels}, return_outputs, num_items_in_batch)
+            loss = head.loss(model, inputs, labels, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer does: DDP averages the gradients
+            return loss
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss).all():
@@ -689,6 +758,8 @@ def _make_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData
             processing_class=tokenizer,
             callbacks=callbacks,
         )
+    if not recipe.data.train_on_prompt and not fsdp_enabled():  # FSDP shards the output layer: keep its own path
+        trainer.answer_only = AnswerOnlyLogits(model)
     if getattr(trainer, "is_fsdp_enabled", False):
         from peft.utils.other import fsdp_auto_wrap_policy
 
@@ -717,6 +788,7 @@ def _final_metrics(trainer: Any, output: Any, data: PreparedData, initial_eval: 
         "train_tokens_per_second": real / max(runtime, 1e-9),
         "best_checkpoint": state.best_model_checkpoint,
         "stopped_early": state.max_steps > state.global_step,
+        "answer_only_logits": bool(getattr(trainer, "answer_only", None) and trainer.answer_only.checked),
         **memory_stats(),
     }
     if initial_eval is not None:

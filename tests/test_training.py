@@ -157,6 +157,37 @@ def test_an_evaluation_pass_does_not_cut_the_gradients(tiny_recipe, tokenizer):
     assert first_layer and all(g is not None and g.abs().sum() > 0 for g in first_layer)
 
 
+def test_answer_only_logits_give_the_models_loss_and_gradients(tiny_recipe, tokenizer):
+    import contextlib
+
+    from qlora_guide.training import AnswerOnlyLogits
+
+    recipe = load_recipe(tiny_recipe, ["lora.lora_dropout=0.0"])
+    model = build_model(recipe, resolve_precision(recipe))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    batch = Collator(tokenizer.pad_token_id)(tokenized_rows(tokenizer, n=4, max_length=128))
+    labels = batch.pop("labels")
+    head = AnswerOnlyLogits(model)
+    assert head.check(model, batch, labels, contextlib.nullcontext)
+    model.train()
+    ours = head.loss(model, batch, labels)
+    ours.backward()
+    g_ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    reference = model(**batch, labels=labels).loss
+    reference.backward()
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(g_ours[n], p.grad, rtol=1e-3, atol=1e-6), n
+    original = head.head
+    doubled = AnswerOnlyLogits(model)
+    doubled.head = lambda h: 2 * original(h)  # like a model that scales its logits: the check must refuse it
+    assert not doubled.check(model, batch, labels, contextlib.nullcontext)
+
+
 # ---------------------------------------------------------------- a whole run
 
 
@@ -180,7 +211,7 @@ def test_train_writes_a_complete_run(tiny_recipe):
     assert 0 < result.trainable_percent < 1
     assert json.loads(json.dumps(result.to_dict()))["adapter_dir"] == str(adapter)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["global_step"] == 4
+    assert metrics["global_step"] == 4 and metrics["answer_only_logits"] is True
     assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"])
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in h for h in history) and any("eval_loss" in h for h in history)
