@@ -89,6 +89,52 @@ def plot_memory_budget(check: dict[str, Any]) -> Any:
     return fig
 
 
+def plot_answers_side_by_side(questions: list[str], answers: dict[str, list[str]], width: int = 34,
+                              max_lines: int = 12) -> Any:
+    """Questions and the answers of several models (or the references) as a table of wrapped text.
+
+    ``answers`` maps a column title ("4-bit base", "fine-tuned", "reference")
+    to one text per question, as :func:`qlora_guide.evaluation.generate_answers`
+    returns them. Each text is wrapped to ``width`` characters (long tokens
+    are cut, so a run of digits cannot stretch a column) and shortened to
+    ``max_lines`` lines.
+    """
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    from qlora_guide.errors import QLoRAGuideError
+
+    columns = {"question": list(questions), **{name: list(texts) for name, texts in answers.items()}}
+    for name, texts in columns.items():
+        if len(texts) != len(questions):
+            raise QLoRAGuideError(f"{len(texts)} texts in column '{name}' for {len(questions)} questions")
+    wrapped = {name: [textwrap.fill(" ".join(text.split()) or "(empty)", width, max_lines=max_lines,
+                                    placeholder=" ...") for text in texts]
+               for name, texts in columns.items()}
+    colours = [PART1_COLOURS["gray"], PART1_COLOURS["orange"], PART1_COLOURS["green"], PART1_COLOURS["blue"]]
+    line, pad, header = 0.17, 0.2, 0.4  # inches: one line of 8.5 pt text, padding per row, header row
+    heights = [line * max(wrapped[name][i].count("\n") + 1 for name in wrapped) + pad for i in range(len(questions))]
+    total = header + sum(heights)
+    fig = plt.figure(figsize=(2.7 * len(columns), total))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set(xlim=(0, len(columns)), ylim=(total, 0))  # y in inches from the top
+    ax.axis("off")
+    for j, name in enumerate(wrapped):
+        ax.text(j + 0.04, header / 2, name, va="center", fontsize=10, fontweight="bold",
+                color=colours[j % len(colours)])
+    top = header
+    for i, height in enumerate(heights):
+        if i % 2 == 0:
+            ax.axhspan(top, top + height, color="#f1f3f5", zorder=0)
+        for j, name in enumerate(wrapped):
+            ax.text(j + 0.04, top + pad / 2, wrapped[name][i], va="top", fontsize=8.5,
+                    fontweight="bold" if j == 0 else "normal")
+        top += height
+    plt.close(fig)
+    return fig
+
+
 # --- Part 2 ---
 
 # The same palette as Part 1 (docs/_static/colours.css, light theme), with the other roles' colours.

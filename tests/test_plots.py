@@ -68,6 +68,28 @@ def test_memory_budget_has_two_bars_per_setting_and_the_budget_line():
     assert len(ax.get_xticklabels()) == n
 
 
+def test_answers_side_by_side_wraps_every_text_into_its_column():
+    questions = ["What is NF4?", "Que veut dire déquantifier ?"]
+    answers = {
+        "4-bit base": ["A " * 40, "1" * 120],  # a long answer, and one unbreakable token
+        "fine-tuned": ["NF4 is a 4-bit data type.", ""],
+        "reference": ["Sixteen levels from normal quantiles.", "Reconvertir les codes en flottants."],
+    }
+    fig = plots.plot_answers_side_by_side(questions, answers, width=30)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts[:4] == ["question", "4-bit base", "fine-tuned", "reference"]
+    assert len(texts) == 4 + 4 * len(questions)
+    assert all(len(line) <= 30 for text in texts for line in text.splitlines())
+    lines = [line for text in texts for line in text.splitlines()]
+    assert "1" * 30 in lines  # the run of digits is cut, not left to stretch the column
+    assert "(empty)" in texts
+
+
+def test_answers_side_by_side_refuses_a_missing_answer():
+    with pytest.raises(QLoRAGuideError, match="1 texts in column 'fine-tuned' for 2 questions"):
+        plots.plot_answers_side_by_side(["a?", "b?"], {"fine-tuned": ["only one"]})
+
+
 # --- Part 2 ---
 
 
