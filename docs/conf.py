@@ -69,6 +69,9 @@ myst_enable_extensions = [
 
 nb_execution_mode = "cache"
 nb_execution_cache_path = str(DOCS_DIR / "_build" / ".jupyter_cache" / package_source_hash(PACKAGE_DIR))
+# Training runs that several pages share (the demo run) live in the same folder,
+# so a change in the package trains them again and old ones are pruned with it.
+os.environ["QLORA_GUIDE_DOCS_RUNS"] = str(Path(nb_execution_cache_path) / "runs")
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True  # a failing cell prints its traceback in the build log
 nb_execution_timeout = 600
