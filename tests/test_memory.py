@@ -292,15 +292,19 @@ def test_training_step_resident_memory_cpu(embedded_model):
     """Process memory of a QLoRA step (fresh process, allocator returning freed memory) against the plan.
 
     The memory a step adds (activations, gradients) follows the plan closely
-    (measured here: within 1 %); the whole increase since before loading also
-    holds about 60-70 MiB that the planner does not model (Python objects of the
-    model and the adapters, allocator and library state): about 12 % of this
-    small run, so the tolerance is 15 %.
+    (measured: within 2 %). The whole increase since before loading also holds
+    memory that the planner does not model (Python objects of the model and the
+    adapters, allocator and library state): a roughly fixed amount, 65 to 100 MiB
+    in the runs seen, which on a run this small is 15-20 % of the total. So the
+    plan may fall short of the measurement by that fixed amount, never more,
+    and must not overshoot it: leaving out the optimizer states (156 MiB here)
+    or counting the 4-bit weights in 16 bits would fail.
     """
     result = memory.measure_cpu_in_subprocess("smollm2-135m", batch_size=2, seq_len=128, steps=2)
     assert result["tensor_bytes"]["weights"] == pytest.approx(result["planned_weights"], rel=1e-4)
     assert result["planned_step_increase"] == pytest.approx(result["measured_step_increase"], rel=0.10)
-    assert result["planned_training_total"] == pytest.approx(result["measured_training_increase"], rel=0.15)
+    unmodelled = result["measured_training_increase"] - result["planned_training_total"]
+    assert -0.05 * result["planned_training_total"] <= unmodelled <= 150 * 2**20
 
 
 @pytest.mark.gpu
