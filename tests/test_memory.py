@@ -297,7 +297,7 @@ def test_training_step_resident_memory_cpu(embedded_model):
     adapters, allocator and library state): a roughly fixed amount, 65 to 100 MiB
     in the runs seen, which on a run this small is 15-20 % of the total. So the
     plan may fall short of the measurement by that fixed amount, never more,
-    and must not overshoot it: leaving out the optimizer states (156 MiB here)
+    and must not overshoot it: leaving out the optimizer states (149 MiB here)
     or counting the 4-bit weights in 16 bits would fail.
     """
     result = memory.measure_cpu_in_subprocess("smollm2-135m", batch_size=2, seq_len=128, steps=2)
