@@ -152,6 +152,8 @@ class Checker:
     def _on_request_failed(self, page, request) -> None:
         if any(name in request.url.lower() for name in EXPECTED_OFFLINE_FAILURES):
             return
+        if request.is_navigation_request() and request.failure == "net::ERR_ABORTED":
+            return  # a navigation superseded by the next one (the root page's redirect); a missing page is a 404
         self.fail(f"{page.url}: request failed: {request.url} ({request.failure})")
 
     def url(self, path: str) -> str:
