@@ -77,7 +77,8 @@ def answer_loss(adapter: Path | None, data_dir: Path, batch_size: int = 4) -> tu
     from qlora_guide.config import DataConfig, load_recipe
     from qlora_guide.data import Collator, load_examples, tokenize
     from qlora_guide.models import load_model, load_tokenizer
-    from qlora_guide.training import keep_4bit_layers_differentiable, resolve_precision, validation_loss
+    from qlora_guide.precision import use_differentiable_4bit_kernel
+    from qlora_guide.training import resolve_precision, validation_loss
 
     recipe = load_recipe("demo")
     precision = resolve_precision(recipe)
@@ -88,7 +89,7 @@ def answer_loss(adapter: Path | None, data_dir: Path, batch_size: int = 4) -> tu
     batches = [collator([rows[j] for j in range(i, min(i + batch_size, len(rows)))]) for i in range(0, len(rows), batch_size)]
     quantization = dataclasses.replace(recipe.quantization, bnb_4bit_compute_dtype=precision.compute_dtype)
     model = load_model("smollm2-135m", quantization=quantization, dtype=precision.model_dtype)
-    keep_4bit_layers_differentiable(model)  # same kernels as in training
+    use_differentiable_4bit_kernel(model)  # same kernels as in training
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     import torch

@@ -13,7 +13,7 @@ quantize       save a 4-bit (or 8-bit) model               quantization.quantize
 recipes        list or copy the bundled recipes            training.copy_recipe
 train          QLoRA fine-tuning from a recipe             training.train
 evaluate       perplexity, BLEU, chrF, speed               evaluation.evaluate_run
-merge          merge an adapter into a bf16 model          deployment.merge_adapter
+merge          merge an adapter into a plain model         deployment.merge_adapter
 generate       one answer, streamed                        deployment.generate
 chat           interactive chat                            deployment.chat
 serve          OpenAI-compatible HTTP server               serving.serve
@@ -145,7 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from qlora_guide import deployment
 
-    result = deployment.merge_adapter(args.adapter, args.out, overwrite=args.overwrite, check_parity=not args.no_parity)
+    result = deployment.merge_adapter(args.adapter, args.out, overwrite=args.overwrite, dtype=args.dtype, check_parity=not args.no_parity)
     emit(result, args.json, deployment.format_merge_result)
 
 
@@ -243,10 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also evaluate the bf16 base, the 4-bit base and the merged model")
     p.add_argument("--out", help="write report.json and report.md into this folder")
 
-    p = command("merge", cmd_merge, "dequantize the base, merge the adapter, save a plain bf16 model")
+    p = command("merge", cmd_merge, "dequantize the base, merge the adapter in float32, save a plain model")
     p.add_argument("adapter", help="a run or adapter folder")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (default float32: bfloat16 halves the size but its rounding can "
+                   "lose much of a small LoRA update; the merge prints how much)")
     p.add_argument("--no-parity", action="store_true", help="skip the merged-vs-adapter parity check")
 
     for name, handler, text in (("generate", cmd_generate, "generate one answer, streamed"), ("chat", cmd_chat, "chat interactively (/reset, /exit)")):

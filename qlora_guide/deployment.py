@@ -12,10 +12,10 @@ to load: the folder has an ``adapter_config.json``, the weights are a complete
 never unpickled), and every LoRA matrix fits a layer of the base model.
 
 Merging (:func:`merge_adapter`) folds ``W + (lora_alpha / r) * B @ A`` into
-plain bf16 weights, so the result loads with transformers alone. *Which* ``W``
-matters: a QLoRA adapter was trained on top of the NF4 weights, so it is
-merged into those weights dequantized to bf16, not into the original bf16
-checkpoint (see :func:`merge_adapter`).
+plain weights (float32 by default), so the result loads with transformers
+alone. *Which* ``W`` matters: a QLoRA adapter was trained on top of the NF4
+weights, so it is merged into those weights dequantized to float32, not into
+the original bf16 checkpoint (see :func:`merge_adapter`).
 
 A model reference (``model_ref``) is one of: an alias such as
 ``smollm2-135m``, a hub id, a model folder (``config.json``: a base or a merged
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.precision import use_differentiable_4bit_kernel
 
 if TYPE_CHECKING:  # pragma: no cover
     from qlora_guide.config import QuantizationConfig
@@ -360,16 +362,25 @@ def _load_tokenizer_for(folder: Path | None, fallback: str) -> Any:
     return load_tokenizer(fallback)
 
 
+def saved_dtype(folder: str | os.PathLike) -> str:
+    """The dtype a model folder's weights were saved in (``config.json``), bfloat16 when it does not say."""
+    config = read_json(Path(folder) / "config.json", "model config")
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
+    return dtype if dtype in MERGE_DTYPES else "bfloat16"
+
+
 def load_any(
     model_ref: Any,
     quantization: QuantizationConfig | None | str = AUTO,
-    dtype: str = "bfloat16",
+    dtype: str = AUTO,
     device_map: str | dict | None = None,
 ) -> LoadedModel:
     """Load a base, merged or adapter model from one reference (see the module docstring).
 
     ``quantization="auto"``: an adapter loads on the base it was trained on
-    (4-bit for QLoRA), a plain model in ``dtype``. Pass a
+    (4-bit for QLoRA), a plain model in ``dtype``. ``dtype="auto"``: a model
+    folder loads in the dtype it was saved in (a float32 merge stays float32),
+    anything else in bfloat16. Pass a
     :class:`~qlora_guide.config.QuantizationConfig` to load any of them in 4 bits.
     A :class:`LoadedModel` is returned unchanged.
     """
@@ -379,6 +390,8 @@ def load_any(
         return model_ref
     start = time.perf_counter()
     kind = model_kind(model_ref)
+    if dtype == AUTO:
+        dtype = saved_dtype(model_ref) if kind == "model" else "bfloat16"
     if kind == "adapter":
         folder = find_adapter_dir(model_ref)
         model = load_adapter_model(folder, quantization=quantization, dtype=dtype, device_map=device_map)
@@ -411,14 +424,20 @@ def load_any(
 # ------------------------------------------------------------------ merging
 
 
-def _dequantized_weights(model: Any) -> dict[str, Any]:
-    """The bf16 weight of every bitsandbytes 4-bit layer, as its forward pass sees it.
+MERGE_DTYPES = ("float32", "bfloat16", "float16")
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
 
-    Call it on a freshly loaded model. On the CPU, bitsandbytes repacks a
-    layer's codes into a CPU-specific layout the first time the layer runs in
-    inference mode, after which ``dequantize_4bit(weight.data, quant_state)``
-    returns garbage (transformers' ``model.dequantize()`` is affected); such a
-    layer is unpacked first with bitsandbytes' own inverse.
+
+def _dequantized_weights(model: Any) -> dict[str, Any]:
+    """The float32 weight of every bitsandbytes 4-bit layer, exactly as its forward pass sees it.
+
+    Every NF4 value is a code times its block's scale, which float32 holds
+    exactly enough for the merge's arithmetic; bf16 would round it. On the CPU,
+    bitsandbytes repacks a layer's codes into a CPU-specific layout the first
+    time the layer runs in inference mode, after which
+    ``dequantize_4bit(weight.data, quant_state)`` returns garbage
+    (transformers' ``model.dequantize()`` is affected); such a layer is
+    unpacked first with bitsandbytes' own inverse.
     """
     import bitsandbytes as bnb
     import torch
@@ -434,31 +453,120 @@ def _dequantized_weights(model: Any) -> dict[str, Any]:
             data, state = _convert_weight_packed_for_cpu_inverse(data, state)
             module.weight.data, module.weight.quant_state = data, state
         with torch.no_grad():
-            weights[f"{name}.weight"] = bnb.functional.dequantize_4bit(data, state).to(torch.bfloat16).clone()
+            weights[f"{name}.weight"] = bnb.functional.dequantize_4bit(data, state).to(torch.float32).clone()
     return weights
 
 
-def _load_dequantized(base_name: str, quantization: QuantizationConfig, dtype: str) -> tuple[Any, Any]:
-    """The 4-bit base, and a plain model whose linear layers hold its NF4 weights dequantized to ``dtype``.
+def _float32_quantization(quantization: QuantizationConfig) -> QuantizationConfig:
+    """The same 4-bit weights, computing in float32: the exact arithmetic a merge is checked against."""
+    import dataclasses
+
+    return dataclasses.replace(quantization, bnb_4bit_compute_dtype="float32")
+
+
+def _load_dequantized(base_name: str, quantization: QuantizationConfig) -> tuple[Any, Any]:
+    """The 4-bit base (computing in float32), and a float32 model whose linear layers hold its NF4 weights.
 
     The dequantized weights are the ones the adapter saw during QLoRA
     training. Everything bitsandbytes does not quantize (embeddings, norms,
     the output head) comes from the original checkpoint, as in the 4-bit
-    model. The 4-bit model is returned too (unused so far) for the parity check.
+    model. The 4-bit model is returned too, as the reference of the parity check.
     """
-    from qlora_guide.models import load_model, torch_dtype
+    from qlora_guide.models import load_model
 
-    quantized = load_model(base_name, quantization=quantization)
+    quantized = load_model(base_name, quantization=_float32_quantization(quantization))
+    use_differentiable_4bit_kernel(quantized)  # float32 arithmetic, not bitsandbytes' bf16 CPU kernel
     weights = _dequantized_weights(quantized)
-    model = load_model(base_name, dtype=dtype)
+    model = load_model(base_name, dtype="float32")
     params = dict(model.named_parameters())
     missing = [name for name in weights if name not in params]
     if missing:
         raise QLoRAGuideError(f"cannot dequantize '{base_name}': the plain model has no parameter {missing[0]}")
-    target = torch_dtype(dtype)
     for name, weight in weights.items():
-        params[name].data.copy_(weight.to(device=params[name].device, dtype=target))
+        params[name].data.copy_(weight.to(device=params[name].device))
     return quantized, model
+
+
+def _lora_layers(model: Any) -> list[tuple[str, Any, Any]]:
+    """(name, layer, exact update) of every LoRA layer of a PeftModel, the update ``scaling * B @ A`` in float64."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            a = module.lora_A[adapter].weight.detach().double()
+            b = module.lora_B[adapter].weight.detach().double()
+            delta = (b @ a) * module.scaling[adapter]
+            if getattr(module, "fan_in_fan_out", False):
+                delta = delta.T
+            layers.append((name, module, delta))
+    return layers
+
+
+def update_rounding(model: Any, dtypes: tuple[str, ...] = MERGE_DTYPES) -> dict[str, Any]:
+    """How much of the LoRA update each save dtype would lose, and the exact merged weights' error bound.
+
+    For every adapted layer, the exact merged weight is ``W + s B A`` (float64).
+    Storing it in a dtype rounds it; ``lost_share[dtype]`` is the size of that
+    rounding error relative to the update itself (Frobenius norms over all
+    layers): 0.5 means the stored weights misstate the update by half its size.
+    The update is small next to ``W``, so a dtype with 8 significant bits
+    (bfloat16) can lose most of it while barely changing ``W``.
+
+    ``bound`` holds what float arithmetic allows each merged float32 weight to
+    differ from the exact sum: the rounding of ``B @ A`` (``r + 1`` roundings
+    of its ``|B| |A|`` terms), of the sum and of the storage, each at most one
+    unit roundoff; it is what :func:`merge_adapter` checks, element by element.
+    """
+    import torch
+
+    err2 = dict.fromkeys(dtypes, 0.0)
+    update2, layers = 0.0, []
+    for name, module, delta in _lora_layers(model):
+        weight = module.get_base_layer().weight.detach().double()
+        target = weight + delta
+        update2 += float((delta**2).sum())
+        for dtype in dtypes:
+            stored = target.to(getattr(torch, dtype)).double()
+            err2[dtype] += float(((stored - target) ** 2).sum())
+        layers.append(name)
+    if not layers:
+        raise QLoRAGuideError("the model has no LoRA layer to merge")
+    share = {d: math.sqrt(err2[d] / update2) if update2 else 0.0 for d in dtypes}
+    return {"lost_share": share, "update_norm": math.sqrt(update2), "layers": len(layers)}
+
+
+def _exact_targets(model: Any) -> dict[str, tuple[Any, Any]]:
+    """Per LoRA layer: the exact merged weight (float64) and its float32 rounding bound, before merging."""
+    u = UNIT_ROUNDOFF["float32"]
+    targets = {}
+    for name, module, delta in _lora_layers(model):
+        weight = module.get_base_layer().weight.detach().double()
+        module_r = module.r[module.active_adapters[0]]
+        a = module.lora_A[module.active_adapters[0]].weight.detach().double().abs()
+        b = module.lora_B[module.active_adapters[0]].weight.detach().double().abs()
+        terms = (b @ a) * abs(module.scaling[module.active_adapters[0]])
+        if getattr(module, "fan_in_fan_out", False):
+            terms = terms.T
+        target = weight + delta
+        targets[name] = (target, (module_r + 1) * u * terms + 2 * u * target.abs())
+    return targets
+
+
+def _check_merged_weights(merged: Any, targets: dict[str, tuple[Any, Any]], dtype: str) -> dict[str, Any]:
+    """Compare each stored merged weight with its exact value: within the float32 bound plus one rounding to ``dtype``?"""
+    modules = dict(merged.named_modules())
+    worst = 0.0
+    for name, (target, bound) in targets.items():
+        key = name.removeprefix("base_model.model.")
+        stored = modules[key].weight.detach().double()
+        allowed = bound + UNIT_ROUNDOFF[dtype] * target.abs() + 1e-45
+        worst = max(worst, float(((stored - target).abs() / allowed).max()))
+    return {"weights_within_bound": worst <= 1.0, "max_error_over_bound": round(worst, 4), "checked_layers": len(targets)}
 
 
 @dataclass
@@ -468,12 +576,14 @@ class MergeResult:
     out_dir: str
     adapter_dir: str
     base_model: str
-    merged_into: str  # "dequantized NF4 weights" or "bf16 weights" (plain LoRA)
+    merged_into: str  # "dequantized NF4 weights" or "base weights" (plain LoRA)
     dtype: str
     size_bytes: int
     seconds: float
     parity: dict[str, Any] = field(default_factory=dict)
     naive_merge: dict[str, Any] = field(default_factory=dict)
+    rounding: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
     explanation: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -485,7 +595,7 @@ class MergeResult:
 MERGE_EXPLANATION = (
     "A QLoRA adapter is trained on top of the 4-bit NF4 weights: its update B @ A learned to correct the "
     "output of the dequantized weights W_nf4, not of the original bf16 weights W. Merging it into W_nf4 "
-    "(dequantized to bf16) gives the model that was trained, up to bf16 rounding of W_nf4 + B @ A. Merging "
+    "(dequantized to float32) gives the model that was trained, up to the rounding of the saved dtype. Merging "
     "it into the original W instead adds the update to weights that differ from W_nf4 by the quantization "
     "error (about 10 % of each weight's magnitude for NF4), so the merged model is a different model: its "
     "logits move by about as much as quantization moved them, and greedy answers can change."
@@ -575,32 +685,42 @@ def merge_adapter(
     adapter_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     overwrite: bool = False,
-    dtype: str = "bfloat16",
+    dtype: str = "float32",
     check_parity: bool = True,
     compare_naive: bool = True,
     parity_prompts: tuple[str, ...] | list[str] = DEFAULT_PARITY_PROMPTS,
     parity_tokens: int = 16,
 ) -> MergeResult:
-    """Merge a (Q)LoRA adapter into its base and save a plain transformers model.
+    """Merge a (Q)LoRA adapter into its base and save a plain transformers model in ``dtype``.
 
     Steps: load the 4-bit base the adapter was trained on; dequantize its NF4
-    layers to ``dtype`` (the weights the adapter was trained against); load
-    the adapter on that and ``merge_and_unload()``; save safetensors weights,
-    the tokenizer with its chat template and a ``manifest.json`` into a
-    staging folder next to ``out_dir``, renamed into place when complete. The
-    result loads with ``AutoModelForCausalLM.from_pretrained`` alone, without
-    peft or bitsandbytes.
+    layers to float32 (the weights the adapter was trained against); load the
+    adapter on that and ``merge_and_unload()`` in float32; save safetensors
+    weights in ``dtype``, the tokenizer with its chat template and a
+    ``manifest.json`` into a staging folder next to ``out_dir``, renamed into
+    place when complete. The result loads with
+    ``AutoModelForCausalLM.from_pretrained`` alone, without peft or bitsandbytes.
 
-    Parity (``check_parity``): the merged model and the 4-bit + adapter model
-    run on the same chat prompts; ``parity`` holds the max and mean absolute
-    logit difference and whether greedy answers agree. ``naive_merge``
-    (``compare_naive``) does the same for the adapter merged into the
-    *original* bf16 weights, which is not the trained model:
-    see ``MERGE_EXPLANATION``. An adapter trained without quantization is
-    merged into its bf16 base directly.
+    Why float32 by default: the update ``s B A`` is small next to ``W``, and
+    rounding their sum to bfloat16 (8 significant bits) can lose most of it;
+    ``rounding["lost_share"]`` says how much each dtype would lose, so a
+    user can choose ``bfloat16`` knowingly (half the size).
+
+    Checks: ``weights`` compares every merged weight with the exact
+    ``W_nf4 + s B A`` against the bound float arithmetic allows (see
+    :func:`update_rounding`). ``parity`` (``check_parity``) runs the merged
+    model and the 4-bit + adapter model, both in float32 arithmetic, on the
+    same chat prompts: max and mean absolute logit difference, and whether
+    greedy answers agree; ``arithmetic_floor_max_logit_diff`` is the same
+    difference between the two bases alone. ``naive_merge`` (``compare_naive``)
+    does the same for the adapter merged into the *original* weights, which is
+    not the trained model: see ``MERGE_EXPLANATION``. An adapter trained
+    without quantization is merged into its base weights directly.
     """
-    from qlora_guide.models import load_model
+    from qlora_guide.models import load_model, torch_dtype
 
+    if dtype not in MERGE_DTYPES:
+        raise QLoRAGuideError(f"dtype '{dtype}': merge saves float32, bfloat16 or float16")
     start = time.perf_counter()
     folder = find_adapter_dir(adapter_dir)
     check_adapter_dir(folder)
@@ -612,24 +732,29 @@ def merge_adapter(
     inputs = _parity_inputs(tokenizer, parity_prompts) if check_parity else []
     quantized = None
     if quantization is not None:
-        quantized, plain = _load_dequantized(base_name, quantization, dtype)
+        quantized, plain = _load_dequantized(base_name, quantization)
         merged_into = f"dequantized {quantization.bnb_4bit_quant_type.upper()} weights"
     else:
-        plain = load_model(base_name, dtype=dtype)
-        merged_into = "bf16 weights" if dtype == "bfloat16" else f"{dtype} weights"
+        plain = load_model(base_name, dtype="float32")
+        merged_into = "base weights"
     unmerged = load_adapter_model(folder, base_model=plain)
+    rounding = update_rounding(unmerged)
+    targets = _exact_targets(unmerged)
     floor = None
     if check_parity and quantized is not None:
         with unmerged.disable_adapter():
             floor = _logits(unmerged, inputs)
     merged = unmerged.merge_and_unload()
+    merged.to(torch_dtype(dtype))
     merged.eval()
+    weights = _check_merged_weights(merged, targets, dtype)
+    del targets
 
     parity: dict[str, Any] = {}
     naive: dict[str, Any] = {}
     if check_parity:
         if quantized is None:
-            adapter_model = load_adapter_model(folder, quantization=None, dtype=dtype)
+            adapter_model = load_adapter_model(folder, quantization=None, dtype="float32")
         else:
             adapter_model = load_adapter_model(folder, base_model=quantized)
         reference = _outputs(adapter_model, inputs, parity_tokens)
@@ -641,7 +766,7 @@ def merge_adapter(
                 max((a - b).abs().max().item() for a, b in zip(base_4bit, floor, strict=True)), 6
             )
         if compare_naive and quantized is not None:
-            original = load_model(base_name, dtype=dtype)
+            original = load_model(base_name, dtype="float32")
             naive_model = load_adapter_model(folder, base_model=original).merge_and_unload()
             naive = _compare(reference, _outputs(naive_model, inputs, parity_tokens))
             del naive_model, original
@@ -653,6 +778,7 @@ def merge_adapter(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merging-", dir=out_dir.parent))
     try:
         merged.config._name_or_path = str(out_dir)
+        merged.config.dtype = dtype
         if hasattr(merged.config, "quantization_config"):
             del merged.config.quantization_config
         merged.save_pretrained(staging, safe_serialization=True)
@@ -668,6 +794,8 @@ def merge_adapter(
             seconds=0.0,
             parity=parity,
             naive_merge=naive,
+            rounding=rounding,
+            weights=weights,
             explanation=MERGE_EXPLANATION if quantization is not None else "",
         )
         source_manifest = read_manifest(run_root(folder))
@@ -679,6 +807,8 @@ def merge_adapter(
             "dtype": dtype,
             "parity": parity,
             "naive_merge": naive,
+            "rounding": rounding,
+            "weights": weights,
             "adapter_manifest": source_manifest,
             "versions": _versions(),
         }
@@ -695,7 +825,7 @@ def merge_adapter(
 
 
 def load_merged_4bit(merged_dir: str | os.PathLike, quantization: QuantizationConfig | None = None) -> LoadedModel:
-    """The "4-bit merged-back" model: a merged bf16 folder quantized to NF4 again at load time.
+    """The "4-bit merged-back" model: a merged folder quantized to NF4 again at load time.
 
     It is as small as the 4-bit base and needs no adapter at inference, but
     quantizing ``W_nf4 + B @ A`` rounds the adapter's update into the 4-bit
@@ -713,18 +843,29 @@ def format_merge_result(result: MergeResult | dict[str, Any]) -> str:
         f"merged {r['adapter_dir']} into {r['merged_into']} of {r['base_model']}",
         f"saved  {r['out_dir']} ({r['size_bytes'] / 2**20:.0f} MiB, {r['dtype']}, loads without peft or bitsandbytes)",
     ]
+    if r.get("weights"):
+        w = r["weights"]
+        verdict = "within" if w["weights_within_bound"] else "OUTSIDE"
+        lines.append(
+            f"merged weights vs exact W + (lora_alpha/r) B A: {verdict} the float rounding bound "
+            f"in all {w['checked_layers']} layers (worst error {w['max_error_over_bound']:.2f} x the bound)"
+        )
+    if r.get("rounding"):
+        lost = r["rounding"]["lost_share"]
+        shares = ", ".join(f"{d} {100 * lost[d]:.3g} %" for d in MERGE_DTYPES if d in lost)
+        lines.append(f"rounding error of the saved weights, as a share of the LoRA update: {shares}")
     if r.get("parity"):
         p = r["parity"]
         floor = p.get("arithmetic_floor_max_logit_diff")
-        floor_text = f" (the 4-bit and dequantized bases alone differ by {floor:.4f}: bf16 arithmetic)" if floor is not None else ""
+        floor_text = f" (the 4-bit and dequantized bases alone differ by {floor:.4f})" if floor is not None else ""
         lines.append(
-            f"parity with the 4-bit + adapter model: max |logit diff| {p['max_logit_diff']:.4f}{floor_text}, "
+            f"parity with the 4-bit + adapter model (float32 arithmetic): max |logit diff| {p['max_logit_diff']:.4f}{floor_text}, "
             f"greedy answers agree {p['greedy_agree_count']}"
         )
     if r.get("naive_merge"):
         n = r["naive_merge"]
         lines.append(
-            f"merged into the original bf16 weights instead: max |logit diff| {n['max_logit_diff']:.4f}, "
+            f"merged into the original weights instead: max |logit diff| {n['max_logit_diff']:.4f}, "
             f"greedy answers agree {n['greedy_agree_count']}"
         )
     if r.get("explanation"):

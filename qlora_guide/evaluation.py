@@ -249,6 +249,45 @@ def generation_scores(predictions: list[str], references: list[str] | list[list[
     return {"bleu": bleu["score"], "chrf": chrf["score"]}
 
 
+def question_languages(examples: list[dict[str, Any]]) -> list[str]:
+    """The language of each example's last question: its ``lang`` field, else identified from the text."""
+    from qlora_guide.metrics.answers import answer_languages
+
+    prompts, _ = prompts_and_references(examples)
+    if all(e.get("lang") for e in examples):
+        return [str(e["lang"]) for e in examples]
+    return answer_languages([p[-1]["content"] for p in prompts])
+
+
+def answer_measures(predictions: list[str], references: list[str], languages: list[str]) -> dict[str, float]:
+    """chrF and BLEU, the share of answers in the question's language and the mean repeated 4-gram share (in %)."""
+    from qlora_guide.metrics.answers import language_matches, repeated_ngram_share
+
+    row = generation_scores(predictions, references)
+    row["same_language_pct"] = 100 * sum(language_matches(predictions, languages)) / len(predictions)
+    row["repeated_4gram_pct"] = 100 * sum(repeated_ngram_share(p) for p in predictions) / len(predictions)
+    return row
+
+
+def compare_answers(predictions_a: list[str], predictions_b: list[str], references: list[str], languages: list[str]) -> list[dict[str, Any]]:
+    """Model b minus model a on the same questions, each measure with its paired bootstrap 95 % interval.
+
+    chrF and BLEU as corpus scores, the share of answers in the question's
+    language and the repeated 4-gram share in %; each row says whether the
+    difference is more than the noise of this test set (the interval excludes 0).
+    """
+    from qlora_guide.metrics.answers import language_matches, repeated_ngram_share
+    from qlora_guide.metrics.intervals import corpus_difference, mean_difference
+
+    differences = [
+        corpus_difference("chrf", predictions_a, predictions_b, references),
+        corpus_difference("bleu", predictions_a, predictions_b, references),
+        mean_difference("same_language_pct", language_matches(predictions_a, languages), language_matches(predictions_b, languages), 100),
+        mean_difference("repeated_4gram_pct", [repeated_ngram_share(p) for p in predictions_a], [repeated_ngram_share(p) for p in predictions_b], 100),
+    ]
+    return [d.to_dict() for d in differences]
+
+
 # ------------------------------------------------------------------ Trainer hooks
 
 
@@ -430,8 +469,8 @@ def evaluate_model(
     if generation:
         prompts, references = prompts_and_references(examples)
         predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-        row.update(generation_scores(predictions, references))
-        row["example_prediction"] = predictions[0]
+        row.update(answer_measures(predictions, references, question_languages(examples)))
+        row["predictions"] = predictions
     return row
 
 
@@ -537,6 +576,8 @@ COLUMNS = (
     ("bleu_ratio", "BLEU / bf16", "{:.3f}"),
     ("chrf", "chrF", "{:.2f}"),
     ("chrf_ratio", "chrF / bf16", "{:.3f}"),
+    ("same_language_pct", "same language %", "{:.0f}"),
+    ("repeated_4gram_pct", "repeated 4-grams %", "{:.1f}"),
     ("load_s", "load s", "{:.1f}"),
     ("weights_mb", "weights MiB", "{:.0f}"),
     ("rss_peak_mb", "RSS peak MiB", "{:.0f}"),

@@ -26,7 +26,8 @@ the CPU, bf16 autocast (and bf16 dequantization of the 4-bit weights) only when
 the processor computes bf16 natively (AVX512-BF16 or AMX): on such a 2-core
 server CPU the demo recipe trained 1.2-1.5x faster in bf16 than in float32,
 with per-step losses within 0.01 of each other. Elsewhere bf16 is emulated, so
-the CPU computes in float32.
+the CPU computes in float32; ``QLORA_GUIDE_CPU_BF16=0`` forces that path on
+any CPU (:mod:`qlora_guide.precision`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from typing import Any
 from qlora_guide.config import LoraConfig, Recipe, copy_recipe, load_recipe  # noqa: F401  (copy_recipe: for the CLI)
 from qlora_guide.data import PreparedData, TokenStats, prepare_data
 from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.precision import cpu_has_native_bf16, use_differentiable_4bit_kernel
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +135,6 @@ class Precision:
     notes: list[str] = field(default_factory=list)
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 beats float32."""
-    import torch
-
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
 def resolve_precision(recipe: Recipe) -> Precision:
     """Pick autocast, compute dtype and optimizer for this machine (``auto`` settings resolved here)."""
     import torch
@@ -223,21 +217,6 @@ def check_target_modules(model: Any, lora: LoraConfig) -> None:
             )
 
 
-def keep_4bit_layers_differentiable(model: Any) -> int:
-    """Stop bitsandbytes from switching 4-bit layers to its CPU inference layout; returns how many layers.
-
-    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` the
-    first time it runs in eval mode without gradients (an evaluation pass) and
-    from then on multiplies with a kernel that has no backward: gradients stop
-    flowing through the frozen layers, silently, until the next ``state_dict()``.
-    A model that is trained must keep the ordinary layout.
-    """
-    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
-    for module in layers:
-        module.support_avx512bf16_for_cpu = False
-    return len(layers)
-
-
 def build_model(recipe: Recipe, precision: Precision) -> Any:
     """The base model (4-bit when the recipe quantizes) with trainable LoRA adapters."""
     import peft
@@ -262,7 +241,7 @@ def build_model(recipe: Recipe, precision: Precision) -> Any:
         attn_implementation=recipe.model.attn_implementation,
     )
     model.config.use_cache = False  # a KV cache is useless in training and disables packed attention masks
-    keep_4bit_layers_differentiable(model)
+    use_differentiable_4bit_kernel(model)
     check_target_modules(model, recipe.lora)
     checkpointing = recipe.training.gradient_checkpointing
     ckpt_kwargs = {"use_reentrant": False}
