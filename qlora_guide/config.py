@@ -196,10 +196,17 @@ class EvaluationConfig:
     batch_size: int = _field(8, "Sequences per forward pass when computing perplexity.")
     max_new_tokens: int = _field(64, "Longest generated answer for BLEU and chrF.")
     max_samples: int | None = _field(None, "Evaluate on the first N examples only (None: all).")
+    repetition_penalty: float = _field(
+        1.0,
+        "transformers' GenerationConfig.repetition_penalty for the trained model: logits of tokens already in the "
+        "text are divided by it (1.0: off). Saved into the run's generation settings, so evaluate, generate, chat, "
+        "serve and merged models decode alike.",
+    )
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "evaluation.batch_size", "must be a positive integer")
         _require(self.max_new_tokens > 0, "evaluation.max_new_tokens", "must be a positive integer")
+        _require(1.0 <= self.repetition_penalty <= 2.0, "evaluation.repetition_penalty", "must be between 1.0 (off) and 2.0")
 
 
 @dataclass

@@ -219,6 +219,22 @@ def training_quantization(adapter_dir: str | os.PathLike) -> QuantizationConfig 
     return QuantizationConfig()
 
 
+def apply_run_generation_settings(model: Any, adapter_dir: str | os.PathLike) -> None:
+    """Decode as the run's recipe says (``evaluation.repetition_penalty``), through the model's generation config.
+
+    Everything that generates (evaluation, ``generate``, ``chat``, the server,
+    the parity checks) calls ``model.generate`` without overriding it, and a
+    merged model saves it in its ``generation_config.json``: one setting, the
+    same decoding everywhere.
+    """
+    from qlora_guide.config import load_recipe
+
+    recipe = run_root(find_adapter_dir(adapter_dir)) / RECIPE_FILE
+    if recipe.is_file() and getattr(model, "generation_config", None) is not None:
+        penalty = load_recipe(recipe).evaluation.repetition_penalty
+        model.generation_config.repetition_penalty = penalty if penalty != 1.0 else None
+
+
 # ------------------------------------------------------------------ loading
 
 
@@ -305,6 +321,7 @@ def load_adapter_model(
         raise QLoRAGuideError(f"adapter {folder} does not load on base '{base_name}': {first}") from None
     if not is_trainable:
         model.eval()
+        apply_run_generation_settings(model, folder)
     return model
 
 
@@ -485,6 +502,24 @@ def _load_dequantized(base_name: str, quantization: QuantizationConfig) -> tuple
     for name, weight in weights.items():
         params[name].data.copy_(weight.to(device=params[name].device))
     return quantized, model
+
+
+def load_dequantized(base_name: str = "smollm2-135m", quantization: QuantizationConfig | None = None) -> Any:
+    """The 4-bit model's weights, dequantized once to float32: the same model as the 4-bit one, exactly.
+
+    A 4-bit layer dequantizes its weights again at every forward pass, so
+    generating one token at a time on a CPU spends much of its time
+    dequantizing. This model holds the result of that dequantization instead:
+    it computes what the 4-bit model computes in float32 arithmetic, faster,
+    in four times the memory (the evaluation page checks that their logits agree).
+    ``quantization`` defaults to NF4 with double quantization.
+    """
+    from qlora_guide.config import QuantizationConfig
+
+    quantized, model = _load_dequantized(base_name, quantization or QuantizationConfig())
+    del quantized
+    gc.collect()
+    return model.eval()
 
 
 def _lora_layers(model: Any) -> list[tuple[str, Any, Any]]:
@@ -745,6 +780,7 @@ def merge_adapter(
         with unmerged.disable_adapter():
             floor = _logits(unmerged, inputs)
     merged = unmerged.merge_and_unload()
+    apply_run_generation_settings(merged, folder)
     merged.to(torch_dtype(dtype))
     merged.eval()
     weights = _check_merged_weights(merged, targets, dtype)

@@ -111,8 +111,8 @@ def _model_device(model: Any) -> Any:
     return next(model.parameters()).device
 
 
-def _batch_nll(model: Any, rows: list[dict[str, list[int]]], pad_token_id: int) -> tuple[float, int]:
-    """Summed negative log-likelihood and token count of the labelled tokens of one batch.
+def _batch_nll(model: Any, rows: list[dict[str, list[int]]], pad_token_id: int) -> list[tuple[float, int]]:
+    """Summed negative log-likelihood and token count of the labelled tokens of each row of one batch.
 
     Rows are right-padded; the attention mask hides the padding and the
     labels (-100 on prompt and padding) choose the tokens that count. The
@@ -136,7 +136,7 @@ def _batch_nll(model: Any, rows: list[dict[str, list[int]]], pad_token_id: int) 
     labels[:, 0] = IGNORE_INDEX  # nothing predicts the first token
     labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     if len(labelled) == 0:
-        return 0.0, 0
+        return [(0.0, 0)] * len(rows)
     first = int(labelled[0])  # first position whose token carries a loss
     keep = longest - first + 1  # logits from position first - 1 to the end
     device = _model_device(model)
@@ -149,34 +149,42 @@ def _batch_nll(model: Any, rows: list[dict[str, list[int]]], pad_token_id: int) 
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
             logits = logits[:, -keep:]
         targets = labels[:, longest - keep + 1 :].to(device)  # the token each kept logit predicts
-        total = 0.0
-        for i in range(len(rows)):
-            total += F.cross_entropy(
-                logits[i, :-1].float(), targets[i], ignore_index=IGNORE_INDEX, reduction="sum"
-            ).item()
-    return total, int((targets != IGNORE_INDEX).sum())
+        sums = [
+            F.cross_entropy(logits[i, :-1].float(), targets[i], ignore_index=IGNORE_INDEX, reduction="sum").item()
+            for i in range(len(rows))
+        ]
+    counts = (targets != IGNORE_INDEX).sum(dim=1).tolist()
+    return [(nll, int(n)) for nll, n in zip(sums, counts, strict=True)]
 
 
-def answer_nll(model: Any, tokenizer: Any, examples: list[dict[str, Any]], batch_size: int = 8, max_length: int = 512) -> tuple[float, int]:
-    """Total negative log-likelihood (nats) of the answer tokens, and how many tokens that is.
+def answer_nll_per_example(
+    model: Any, tokenizer: Any, examples: list[dict[str, Any]], batch_size: int = 8, max_length: int = 512
+) -> list[tuple[float, int]]:
+    """Negative log-likelihood (nats) of each example's answer tokens and their number, in the examples' order.
 
     Examples are sorted by length before batching, to waste little on padding;
-    the sum does not depend on the order or the batch size.
+    the figures do not depend on the order or the batch size.
     """
     if batch_size <= 0:
         raise QLoRAGuideError(f"batch_size must be positive, not {batch_size}")
     rows = tokenize_for_loss(examples, tokenizer, max_length)
-    rows = sorted(rows, key=lambda r: len(r["input_ids"]))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        nll, n = _batch_nll(model, rows[start : start + batch_size], pad)
-        total += nll
-        count += n
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, value in zip(chunk, _batch_nll(model, [rows[i] for i in chunk], pad), strict=True):
+            results[i] = value
     model.train(was_training)
-    return total, count
+    return results
+
+
+def answer_nll(model: Any, tokenizer: Any, examples: list[dict[str, Any]], batch_size: int = 8, max_length: int = 512) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of the answer tokens, and how many tokens that is."""
+    per_example = answer_nll_per_example(model, tokenizer, examples, batch_size, max_length)
+    return sum(nll for nll, _ in per_example), sum(n for _, n in per_example)
 
 
 def perplexity(model: Any, tokenizer: Any, examples: list[dict[str, Any]], batch_size: int = 8, max_length: int = 512) -> float:
@@ -201,8 +209,14 @@ def generate_answers(
     prompts: list[list[dict[str, str]]],
     max_new_tokens: int = 64,
     batch_size: int = 8,
+    repetition_penalty: float | None = None,
 ) -> list[str]:
     """Greedy answers to chat prompts, in batches with left padding.
+
+    ``repetition_penalty`` above 1 divides the logit of every token already in
+    the prompt or the answer by that factor (Keskar et al., 2019, suggest
+    1.2): greedy decoding of a small model otherwise tends to loop. ``None``
+    keeps the model's own generation config (a trained run's recipe sets it).
 
     Generation appends tokens on the right, so the prompts are padded on the
     left: every row's last prompt token sits in the same column and the new
@@ -228,6 +242,7 @@ def generate_answers(
                     **batch.to(device),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
+                    **({"repetition_penalty": repetition_penalty} if repetition_penalty is not None else {}),
                     pad_token_id=tokenizer.pad_token_id,
                 )
             new = out[:, batch["input_ids"].shape[1] :]
@@ -286,6 +301,24 @@ def compare_answers(predictions_a: list[str], predictions_b: list[str], referenc
         mean_difference("repeated_4gram_pct", [repeated_ngram_share(p) for p in predictions_a], [repeated_ngram_share(p) for p in predictions_b], 100),
     ]
     return [d.to_dict() for d in differences]
+
+
+def compare_rows(a: dict[str, Any], b: dict[str, Any], examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Two rows of :func:`evaluate_model` on the same examples: b against a, every measure with its 95 % interval.
+
+    The perplexity row is the ratio b / a (below 1: b predicts the reference
+    answers better); the others are differences b - a (chrF and BLEU points,
+    percentage points for the language and repetition shares).
+    """
+    from qlora_guide.metrics.intervals import perplexity_ratio
+
+    _, references = prompts_and_references(examples)
+    rows = [perplexity_ratio(a["nll_per_example"], b["nll_per_example"]).to_dict()]
+    if "predictions" in a and "predictions" in b:
+        rows += compare_answers(a["predictions"], b["predictions"], references, question_languages(examples))
+    for row in rows:
+        row["model"], row["against"] = b.get("variant", "b"), a.get("variant", "a")
+    return rows
 
 
 # ------------------------------------------------------------------ Trainer hooks
@@ -460,18 +493,29 @@ def evaluate_model(
     max_new_tokens: int = 64,
     max_length: int = 512,
     generation: bool = True,
+    repetition_penalty: float | None = None,
 ) -> dict[str, Any]:
-    """Perplexity on answers, and (``generation``) BLEU and chrF of greedy answers, on ``examples``."""
-    total, count = answer_nll(model, tokenizer, examples, batch_size, max_length)
+    """Perplexity on answers, and (``generation``) BLEU, chrF, language and repetition of greedy answers."""
+    per_example = answer_nll_per_example(model, tokenizer, examples, batch_size, max_length)
+    total, count = sum(nll for nll, _ in per_example), sum(n for _, n in per_example)
     if count == 0:
         raise QLoRAGuideError("no answer tokens to evaluate (every example was empty or truncated away)")
-    row: dict[str, Any] = {"perplexity": math.exp(total / count), "answer_tokens": count, "samples": len(examples)}
+    row: dict[str, Any] = {"perplexity": math.exp(total / count), "answer_tokens": count, "samples": len(examples),
+                           "nll_per_example": per_example}
     if generation:
         prompts, references = prompts_and_references(examples)
-        predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+        predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, repetition_penalty)
         row.update(answer_measures(predictions, references, question_languages(examples)))
         row["predictions"] = predictions
     return row
+
+
+def compare_to_reference(rows: list[dict[str, Any]], examples: list[dict[str, Any]], reference: str = "bf16 base") -> list[dict[str, Any]]:
+    """Every row of :func:`evaluate_model` (with a ``variant`` name) against the reference row, see :func:`compare_rows`."""
+    ref = next((r for r in rows if r.get("variant") == reference), None)
+    if ref is None:
+        raise QLoRAGuideError(f"no row named '{reference}' to compare with (rows: {', '.join(str(r.get('variant')) for r in rows)})")
+    return [d for row in rows if row is not ref for d in compare_rows(ref, row, examples)]
 
 
 def _variant_loaders(base: str, adapter_dir: str | None, merged_dir: str | None, quantization: QuantizationConfig, merged_4bit: bool) -> list[tuple[str, Any]]:

@@ -27,7 +27,7 @@ SEED = 0
 
 @dataclass
 class Difference:
-    """``b - a`` for one measure, with its paired bootstrap 95 % interval."""
+    """``b - a`` (or ``b / a`` when ``ratio``) for one measure, with its paired bootstrap 95 % interval."""
 
     measure: str
     a: float
@@ -36,17 +36,19 @@ class Difference:
     low: float
     high: float
     n: int
+    ratio: bool = False
 
     @property
     def significant(self) -> bool:
-        """True when the 95 % interval excludes 0."""
-        return self.low > 0 or self.high < 0
+        """True when the 95 % interval excludes "no difference" (0, or 1 for a ratio)."""
+        none = 1.0 if self.ratio else 0.0
+        return self.low > none or self.high < none
 
     @property
     def verdict(self) -> str:
         if not self.significant:
             return "within noise"
-        return "higher" if self.difference > 0 else "lower"
+        return "higher" if self.difference > (1.0 if self.ratio else 0.0) else "lower"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "significant": self.significant, "verdict": self.verdict}
@@ -77,8 +79,8 @@ def corpus_score(name: str, statistics: np.ndarray) -> float:
     return float(metric._compute_score_from_stats(summed.tolist()).score)
 
 
-def paired_difference(measure: str, a: np.ndarray, b: np.ndarray, statistic: Any) -> Difference:
-    """``statistic(b) - statistic(a)`` with a paired bootstrap interval; ``a`` and ``b`` have one row per example."""
+def paired_difference(measure: str, a: np.ndarray, b: np.ndarray, statistic: Any, ratio: bool = False) -> Difference:
+    """``statistic(b) - statistic(a)`` (``/`` when ``ratio``) with a paired bootstrap interval; one row per example."""
     from scipy import stats
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
@@ -87,12 +89,12 @@ def paired_difference(measure: str, a: np.ndarray, b: np.ndarray, statistic: Any
 
     def diff(rows: np.ndarray) -> float:  # the same resampled examples for both models
         rows = rows.astype(int)
-        return statistic(b[rows]) - statistic(a[rows])
+        return statistic(b[rows]) / statistic(a[rows]) if ratio else statistic(b[rows]) - statistic(a[rows])
 
     everything = np.arange(len(a))
     point = diff(everything)
     if np.array_equal(a, b):  # identical answers: no spread to resample
-        return Difference(measure, statistic(a), statistic(b), point, point, point, len(a))
+        return Difference(measure, statistic(a), statistic(b), point, point, point, len(a), ratio)
     low, high = np.nan, np.nan
     for method in ("BCa", "percentile"):  # BCa is undefined for some degenerate samples
         result = stats.bootstrap((everything,), diff, vectorized=False, n_resamples=RESAMPLES, confidence_level=0.95,
@@ -100,7 +102,7 @@ def paired_difference(measure: str, a: np.ndarray, b: np.ndarray, statistic: Any
         low, high = result.confidence_interval
         if np.isfinite(low) and np.isfinite(high):
             break
-    return Difference(measure, statistic(a), statistic(b), point, float(low), float(high), len(a))
+    return Difference(measure, statistic(a), statistic(b), point, float(low), float(high), len(a), ratio)
 
 
 def corpus_difference(name: str, predictions_a: list[str], predictions_b: list[str], references: list[str]) -> Difference:
@@ -113,3 +115,22 @@ def corpus_difference(name: str, predictions_a: list[str], predictions_b: list[s
 def mean_difference(measure: str, values_a: list[float], values_b: list[float], scale: float = 1.0) -> Difference:
     """Mean of per-example values of ``b`` minus ``a`` (times ``scale``, e.g. 100 for a percentage), paired interval."""
     return paired_difference(measure, np.asarray(values_a) * scale, np.asarray(values_b) * scale, lambda s: float(np.mean(s)))
+
+
+def perplexity_ratio(nll_a: list[tuple[float, int]], nll_b: list[tuple[float, int]]) -> Difference:
+    """Perplexity of ``b`` over that of ``a`` on the same answers, from each answer's (NLL, token count), paired interval.
+
+    The perplexity of a resample is ``exp(sum of NLL / sum of tokens)``, token
+    weighted as :func:`qlora_guide.evaluation.perplexity` computes it.
+    """
+    def perplexity(rows: np.ndarray) -> float:
+        return float(np.exp(rows[:, 0].sum() / max(rows[:, 1].sum(), 1)))
+
+    return paired_difference("perplexity", np.asarray(nll_a, dtype=np.float64), np.asarray(nll_b, dtype=np.float64), perplexity, ratio=True)
+
+
+def corpus_ratio(name: str, predictions_a: list[str], predictions_b: list[str], references: list[str]) -> Difference:
+    """Corpus chrF or BLEU of ``b`` over that of ``a``, with its paired 95 % interval ("keeps 98 % of the quality")."""
+    a = sentence_statistics(name, predictions_a, references)
+    b = sentence_statistics(name, predictions_b, references)
+    return paired_difference(f"{name}_ratio", a, b, lambda s: corpus_score(name, s), ratio=True)
