@@ -22,6 +22,14 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
            "OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def model_cache() -> str:
+    """The package's own cache folder (as ``qlora_guide.models.cache_dir`` finds it), shared by tests and docs:
+    the embedded model is converted once per machine, and its digests are checked at every use."""
+    if os.environ.get("QLORA_GUIDE_CACHE"):
+        return os.environ["QLORA_GUIDE_CACHE"]
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "qlora-guide")
+
+
 def install_key(extras: str) -> str:
     """A digest of everything the install step depends on: the package's metadata, the pins and the extras."""
     digest = hashlib.sha256(extras.encode())
@@ -56,7 +64,7 @@ def install(session: nox.Session, extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """The test suite, offline, on the embedded model (slow tests included; `-- -m 'not slow'` skips them)."""
     install(session, "test")
-    session.run("pytest", *(session.posargs or ["-q"]), env=OFFLINE)
+    session.run("pytest", *(session.posargs or ["-q"]), env={**OFFLINE, "QLORA_GUIDE_CACHE": model_cache()})
 
 
 @nox.session(python="3.11")

@@ -7,7 +7,7 @@ Part 1, one process, the three models loaded side by side and measured in
 turn, round after round (so a busy machine slows them alike), each answering
 the same prompt with exactly ``--tokens`` greedy tokens:
 
-* **merged bf16**: the adapter merged into the dequantized NF4 weights, plain bf16;
+* **merged float32**: the adapter merged into the dequantized NF4 weights, plain float32;
 * **4-bit + adapter**: the NF4 base with the LoRA layers beside it, as trained;
 * **4-bit merged-back**: the merged model quantized to NF4 again.
 
@@ -15,7 +15,7 @@ The median of ``--repeats`` rounds is reported: generated tokens per second
 (prompt processing included), decode tokens per second (after the first
 token), time to first token, and the weights' memory.
 
-Part 2 serves one of them (``--server-model``, default merged bf16) with
+Part 2 serves one of them (``--server-model``, default the merged model) with
 :func:`qlora_guide.serving.make_server` on a free loopback port, and sends
 ``--requests`` chat requests (greedy, ``--server-tokens`` tokens at most)
 from 1, 4 and 16 concurrent clients: completion tokens per second over the
@@ -83,7 +83,7 @@ def bench_variants(adapter: Path, merged: Path, tokens: int, repeats: int) -> li
     from qlora_guide.evaluation import measure_generation
 
     models = {
-        "merged bf16": deployment.load_any(merged),
+        "merged float32": deployment.load_any(merged),
         "4-bit + adapter": deployment.load_any(adapter),
         "4-bit merged-back": deployment.load_merged_4bit(merged),
     }
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients (default 1 4 16)")
     parser.add_argument("--requests", type=int, default=16, help="requests per client count (default 16)")
     parser.add_argument("--server-tokens", type=int, default=24, help="max_tokens of each server request (default 24)")
-    parser.add_argument("--server-model", choices=["merged", "adapter"], default="merged", help="what the server serves (default merged bf16)")
+    parser.add_argument("--server-model", choices=["merged", "adapter"], default="merged", help="what the server serves (default: the merged model)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", help="also write the figures as JSON")
     args = parser.parse_args()

@@ -537,7 +537,7 @@ def _variant_loaders(base: str, adapter_dir: str | None, merged_dir: str | None,
     if adapter_dir:
         variants.append(("4-bit + adapter", loaded(adapter_dir, quantization)))
     if merged_dir:
-        variants.append(("merged bf16", loaded(merged_dir, None)))
+        variants.append(("merged", loaded(merged_dir, None)))
         if merged_4bit:
             variants.append(("merged 4-bit", loaded(merged_dir, quantization)))
     return variants

@@ -180,7 +180,7 @@ def test_compare_models_measures_every_variant_on_the_same_data(tmp_path_factory
     merged = merge_adapter(run, run.parent / "merged", check_parity=False).out_dir
     rows = evaluation.compare_models(adapter_dir=run, merged_dir=merged, data=examples[:4], batch_size=4, max_new_tokens=6, speed_tokens=4)
     by_name = {r["variant"]: r for r in rows}
-    assert list(by_name) == ["bf16 base", "4-bit base", "4-bit + adapter", "merged bf16"]
+    assert list(by_name) == ["bf16 base", "4-bit base", "4-bit + adapter", "merged"]
     assert by_name["bf16 base"]["perplexity_ratio"] == 1.0
     for row in rows:
         assert row["samples"] == 4 and row["generated_tokens"] == 4
@@ -189,7 +189,13 @@ def test_compare_models_measures_every_variant_on_the_same_data(tmp_path_factory
     assert by_name["4-bit base"]["weights_mb"] < 0.6 * by_name["bf16 base"]["weights_mb"]
     # the adapter changes the model; the merged model is that same model
     assert by_name["4-bit + adapter"]["perplexity"] != pytest.approx(by_name["4-bit base"]["perplexity"], rel=0.01)
-    assert by_name["merged bf16"]["perplexity"] == pytest.approx(by_name["4-bit + adapter"]["perplexity"], rel=0.02)
+    assert by_name["merged"]["perplexity"] == pytest.approx(by_name["4-bit + adapter"]["perplexity"], rel=1e-3)
+    # every model against the bf16 base, with an interval around each figure
+    differences = evaluation.compare_to_reference(rows, examples[:4])
+    assert {d["model"] for d in differences} == {"4-bit base", "4-bit + adapter", "merged"}
+    assert {d["measure"] for d in differences} == {"perplexity", "chrf", "bleu", "same_language_pct", "repeated_4gram_pct"}
+    for d in differences:
+        assert d["low"] <= d["difference"] <= d["high"] and d["against"] == "bf16 base", d
     paths = evaluation.write_report(rows, tmp_path_factory.mktemp("report"))
     table = open(paths["markdown"]).read()
     assert all(name in table for name in by_name) and "ppl / bf16" in table

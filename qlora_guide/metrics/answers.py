@@ -15,6 +15,8 @@ import re
 from typing import Any
 
 WORD = re.compile(r"\w+", re.UNICODE)
+LANGUAGES = ("en", "fr")
+LETTER = re.compile(r"[^\W\d_]", re.UNICODE)
 
 
 @functools.lru_cache(maxsize=4)
@@ -26,15 +28,15 @@ def _identifier(languages: tuple[str, ...]) -> Any:
     return identifier
 
 
-def answer_languages(texts: list[str], languages: tuple[str, ...] = ("en", "fr")) -> list[str]:
+def answer_languages(texts: list[str], languages: tuple[str, ...] = LANGUAGES) -> list[str]:
     """The most likely of ``languages`` for each text ("" for a text without a letter)."""
     identifier = _identifier(tuple(sorted(languages)))
-    return [identifier.classify(text)[0] if WORD.search(text) else "" for text in texts]
+    return [identifier.classify(text)[0] if LETTER.search(text) else "" for text in texts]
 
 
 def language_matches(answers: list[str], question_languages: list[str]) -> list[float]:
-    """1.0 where the answer is in the language of its question, else 0.0."""
-    found = answer_languages(answers, tuple(sorted(set(question_languages))))
+    """1.0 where the answer is in the language of its question, else 0.0 (English and French always candidates)."""
+    found = answer_languages(answers, tuple(sorted(set(question_languages) | set(LANGUAGES))))
     return [float(a == q) for a, q in zip(found, question_languages, strict=True)]
 
 

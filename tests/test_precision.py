@@ -1,0 +1,32 @@
+"""The precision path switch (qlora_guide.precision) and what follows it on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_guide import precision
+from qlora_guide.errors import QLoRAGuideError
+
+
+def test_the_float32_path_can_be_forced_on_any_cpu(monkeypatch):
+    monkeypatch.setenv(precision.CPU_BF16_ENV, "0")
+    assert not precision.cpu_has_native_bf16()
+    assert precision.cpu_compute_dtype("bfloat16") == "float32"
+    assert precision.cpu_compute_dtype("float16") == "float16"
+    monkeypatch.setenv(precision.CPU_BF16_ENV, "bogus")
+    with pytest.raises(QLoRAGuideError, match="QLORA_GUIDE_CPU_BF16='bogus'"):
+        precision.cpu_has_native_bf16()
+
+
+def test_forced_float32_path_reaches_training_and_the_4bit_layers(monkeypatch, tiny_recipe):
+    from qlora_guide.config import QuantizationConfig, load_recipe
+    from qlora_guide.models import load_model
+    from qlora_guide.training import resolve_precision
+
+    monkeypatch.setenv(precision.CPU_BF16_ENV, "0")
+    resolved = resolve_precision(load_recipe(tiny_recipe))
+    assert not resolved.bf16 and resolved.compute_dtype == "float32" and resolved.model_dtype == "float32"
+    model = load_model(quantization=QuantizationConfig())
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers and all(m.compute_dtype.__repr__() == "torch.float32" for m in layers)
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)
