@@ -94,5 +94,5 @@ def benchmarks(session: nox.Session) -> None:
     install(session, "test")
     session.install("--no-deps", "torchao")  # the pure-torch NF4 that bench_quantization compares with
     for script in sorted(os.listdir("benchmarks")):
-        if script.startswith("bench_") and script.endswith(".py") and "gpu" not in script and script != "bench_docs.py":
+        if script.startswith("bench_") and script.endswith(".py") and "gpu" not in script and script not in ("bench_docs.py", "bench_demo.py"):
             session.run("python", f"benchmarks/{script}", env=OFFLINE)
