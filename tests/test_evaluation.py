@@ -171,11 +171,13 @@ def test_evaluate_run_on_the_base_model_writes_json_and_markdown(tmp_path, model
 
 
 @pytest.mark.slow
-def test_compare_models_measures_every_variant_on_the_same_data(tmp_path_factory, examples):
+def test_compare_models_measures_every_variant_on_the_same_data(tmp_path_factory, examples, monkeypatch):
     from test_deployment import make_adapter_run
 
     from qlora_guide.deployment import merge_adapter
 
+    # the float32 path: the 4-bit models compute in float32, so the merged model must match them exactly
+    monkeypatch.setenv("QLORA_GUIDE_CPU_BF16", "0")
     run = make_adapter_run(tmp_path_factory.mktemp("compare") / "run")
     merged = merge_adapter(run, run.parent / "merged", check_parity=False).out_dir
     rows = evaluation.compare_models(adapter_dir=run, merged_dir=merged, data=examples[:4], batch_size=4, max_new_tokens=6, speed_tokens=4)
@@ -186,7 +188,9 @@ def test_compare_models_measures_every_variant_on_the_same_data(tmp_path_factory
         assert row["samples"] == 4 and row["generated_tokens"] == 4
         for key in ("perplexity", "bleu", "chrf", "perplexity_ratio", "load_s", "weights_mb", "rss_peak_mb", "ttft_s", "tokens_per_s"):
             assert key in row, (row["variant"], key)
-    assert by_name["4-bit base"]["weights_mb"] < 0.6 * by_name["bf16 base"]["weights_mb"]
+    # the linear layers shrink to about 4.1 / 16 of their bf16 bytes; the embedding (a fifth of this model's
+    # parameters) stays in the compute dtype, float32 on this path: about 0.62 of the bf16 footprint (0.43 in bf16)
+    assert by_name["4-bit base"]["weights_mb"] < 0.65 * by_name["bf16 base"]["weights_mb"]
     # the adapter changes the model; the merged model is that same model
     assert by_name["4-bit + adapter"]["perplexity"] != pytest.approx(by_name["4-bit base"]["perplexity"], rel=0.01)
     assert by_name["merged"]["perplexity"] == pytest.approx(by_name["4-bit + adapter"]["perplexity"], rel=1e-3)
