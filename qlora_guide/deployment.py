@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.outputs import check_output_folder, replace_folder, staging_folder
 from qlora_guide.precision import use_differentiable_4bit_kernel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -699,23 +699,6 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not overwrite:
-            raise QLoRAGuideError(f"{out_dir} already exists: choose another folder or pass overwrite=True (--overwrite)")
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move a finished staging folder into place; an old folder is removed only once the new one is complete."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
-
-
 def merge_adapter(
     adapter_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -759,8 +742,7 @@ def merge_adapter(
     start = time.perf_counter()
     folder = find_adapter_dir(adapter_dir)
     check_adapter_dir(folder)
-    out_dir = Path(out_dir).expanduser()
-    _check_out_dir(out_dir, overwrite)
+    out_dir = check_output_folder(out_dir, overwrite, "merged", inputs=(run_root(folder), folder), legacy=("manifest.json",))
     base_name = adapter_base(folder)
     quantization = training_quantization(folder)
     tokenizer = _load_tokenizer_for(folder if (folder / "tokenizer_config.json").is_file() else folder.parent, base_name)
@@ -810,8 +792,7 @@ def merge_adapter(
     del quantized, unmerged
     gc.collect()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merging-", dir=out_dir.parent))
+    staging = staging_folder(out_dir, "merged")
     try:
         merged.config._name_or_path = str(out_dir)
         merged.config.dtype = dtype
@@ -852,7 +833,7 @@ def merge_adapter(
         recipe = run_root(folder) / RECIPE_FILE
         if recipe.is_file():
             shutil.copy2(recipe, staging / RECIPE_FILE)
-        _replace_dir(staging, out_dir)
+        replace_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result.size_bytes = _folder_bytes(out_dir)

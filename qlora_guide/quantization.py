@@ -990,24 +990,20 @@ def quantize_model(
     ``config.json``; the tokenizer is saved beside them. The folder is written
     under a temporary name in the same parent and renamed into place, so an
     interrupted run never leaves a half-written model. An existing non-empty
-    ``out_dir`` is refused unless ``overwrite``.
+    ``out_dir`` is refused unless ``overwrite``, and even then unless it holds a
+    model this function wrote (:mod:`qlora_guide.outputs`).
     """
     import shutil
-    import tempfile
-    from pathlib import Path
 
     from qlora_guide.config import DTYPES, QuantizationConfig
     from qlora_guide.models import load_model, load_tokenizer
+    from qlora_guide.outputs import check_output_folder, replace_folder, staging_folder
 
     if quant_type not in SAVE_TYPES:
         raise QLoRAGuideError(f"unknown quant type {quant_type!r}: use nf4, fp4 or int8")
     if compute_dtype not in DTYPES:
         raise QLoRAGuideError(f"unknown compute dtype {compute_dtype!r}: use one of {', '.join(DTYPES)}")
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise QLoRAGuideError(f"output {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise QLoRAGuideError(f"output folder {out} is not empty: choose another folder or pass overwrite=True (--overwrite)")
+    out = check_output_folder(out_dir, overwrite, "quantized", inputs=(name_or_path,))
     check_causal_lm(name_or_path)
 
     double_quant = double_quant and quant_type != "int8"
@@ -1022,12 +1018,11 @@ def quantize_model(
     footprint = model_footprint(model)
     layers = sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-writing-", dir=out.parent))
+    staging = staging_folder(out, "quantized")
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        _replace_folder(staging, out)
+        replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -1041,21 +1036,6 @@ def quantize_model(
         weights_bytes=sum(p.stat().st_size for p in files if p.suffix == ".safetensors"),
         quantized_layers=layers,
     )
-
-
-def _replace_folder(staging: Any, out: Any) -> None:
-    """Move the finished ``staging`` folder to ``out``; an old ``out`` is set aside first and removed last."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def format_quantize_result(result: QuantizeResult) -> str:

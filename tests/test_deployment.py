@@ -253,7 +253,7 @@ def test_merged_folder_is_a_plain_model_that_loads_without_peft_or_bitsandbytes(
     assert "chat_template.jinja" in names or "chat_template" in (out / "tokenizer_config.json").read_text()
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"
-    assert not list(out.parent.glob(".merged.merging-*")), "no staging folder is left behind"
+    assert not list(out.parent.glob(".merged.*")), "no staging folder is left behind"
 
     code = (
         "import sys, json\n"

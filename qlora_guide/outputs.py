@@ -1,0 +1,103 @@
+"""Output folders the package writes: never overwritten unasked, never anything but what it wrote, written atomically.
+
+Every command that writes a folder (``train``, ``quantize``, ``merge``,
+``evaluate --out``) goes through two functions:
+
+* :func:`check_output_folder`, before any work: an existing file is refused;
+  a non-empty folder is refused unless ``overwrite``; with ``overwrite``, a
+  folder that holds something the package did not write (no marker of the
+  same kind) is still refused, so ``--overwrite`` can never delete unrelated
+  files; and an output that is one of the command's inputs, or contains one,
+  or lies inside one, is refused.
+* :func:`replace_folder`, at the end: the finished staging folder takes the
+  output's place by rename; an old folder is set aside first and removed last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from qlora_guide.errors import QLoRAGuideError
+
+MARKER = ".qlora-guide-output.json"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """True when ``path`` is ``folder`` or lies somewhere under it."""
+    return path == folder or folder in path.parents
+
+
+def check_output_folder(out: str | os.PathLike, overwrite: bool, kind: str, inputs: tuple[str | os.PathLike, ...] = (),
+                        legacy: tuple[str, ...] = ()) -> Path:
+    """Refuse, before any work, an output folder whose writing could lose data; return it as a Path.
+
+    ``kind`` names what the package writes there (``merged``, ``quantized``);
+    with ``overwrite``, only a folder that the package wrote for the same kind
+    (its marker file, or for folders written before markers existed one of the
+    ``legacy`` files) is replaced. ``inputs`` are the local paths the command
+    reads: the output may not be one of them nor contain one.
+    """
+    out = Path(out).expanduser()
+    resolved = out.resolve()
+    for source in inputs:
+        path = Path(source).expanduser()
+        if path.exists() and _inside(path.resolve(), resolved):
+            what = "is" if path.resolve() == resolved else "contains"
+            raise QLoRAGuideError(f"output {out} {what} the input {source}: writing it would destroy what it is made from; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise QLoRAGuideError(f"output {out} is a file, not a folder: choose another path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    if not overwrite:
+        raise QLoRAGuideError(f"{out} already exists and is not empty: choose another folder or pass overwrite=True (--overwrite)")
+    if not written_by_package(out, kind, legacy):
+        example = next(p.name for p in sorted(out.iterdir()))
+        raise QLoRAGuideError(
+            f"--overwrite: {out} holds files that qlora-guide did not write as a {kind} folder (for example {example}): "
+            "nothing was deleted; choose another folder"
+        )
+    return out
+
+
+def written_by_package(folder: Path, kind: str, legacy: tuple[str, ...] = ()) -> bool:
+    """True when ``folder`` carries the package's marker for ``kind`` (or one of the ``legacy`` signs)."""
+    marker = folder / MARKER
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text(encoding="utf-8")).get("kind") == kind
+        except (OSError, ValueError):
+            return False
+    return any(_legacy_sign(folder, sign, kind) for sign in legacy)
+
+
+def _legacy_sign(folder: Path, sign: str, kind: str) -> bool:
+    """A folder written before markers existed: ``manifest.json`` saying the kind."""
+    if sign != "manifest.json" or not (folder / sign).is_file():
+        return False
+    try:
+        return json.loads((folder / sign).read_text(encoding="utf-8")).get("kind") == kind
+    except (OSError, ValueError):
+        return False
+
+
+def staging_folder(out: Path, kind: str) -> Path:
+    """A new temporary folder beside ``out`` (same file system, so the final rename is atomic), already marked."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
+    (staging / MARKER).write_text(json.dumps({"kind": kind, "writer": "qlora-guide"}) + "\n", encoding="utf-8")
+    return staging
+
+
+def replace_folder(staging: Path, out: Path) -> None:
+    """Move the finished ``staging`` folder to ``out``; an old ``out`` is set aside first and removed last."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
