@@ -25,6 +25,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -179,7 +181,13 @@ class TrainingConfig:
     report_to: list[str] = _field(["tensorboard"], "Loggers: tensorboard, none, wandb, ...")
 
     def __post_init__(self) -> None:
-        _require(self.learning_rate > 0, "training.learning_rate", f"must be positive, not {self.learning_rate}")
+        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "training.learning_rate",
+                 f"must be a positive finite number, not {self.learning_rate}")
+        _require(self.lr_scheduler_type in scheduler_types(), "training.lr_scheduler_type",
+                 f"unknown schedule '{self.lr_scheduler_type}' (transformers has: {', '.join(scheduler_types())})")
+        for logger in self.report_to:
+            _require(logger in ("none", "all") or importlib.util.find_spec(logger) is not None, "training.report_to",
+                     f"'{logger}' is not installed (pip install {logger}, or report_to: [tensorboard])")
         _require(self.num_train_epochs > 0, "training.num_train_epochs", "must be positive")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "save_total_limit"):
             _require(getattr(self, name) > 0, f"training.{name}", f"must be a positive integer, not {getattr(self, name)}")
@@ -396,6 +404,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# transformers' SchedulerType values, spelled out so that a recipe is checked without importing torch;
+# tests/test_config.py fails if transformers adds or drops one.
+SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                   "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                   "warmup_stable_decay", "greedy")
+
+
+def scheduler_types() -> tuple[str, ...]:
+    """The learning-rate schedules transformers' Trainer knows (its ``SchedulerType``)."""
+    return SCHEDULER_TYPES
+
+
 def load_recipe(name_or_path: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
     """Load and validate a recipe from a bundled name, a YAML file or a mapping, then apply ``--set`` overrides."""
     import yaml
@@ -405,11 +425,13 @@ def load_recipe(name_or_path: str | Path | dict, overrides: list[str] | None = N
     else:
         path = recipe_path(name_or_path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise QLoRAGuideError(f"recipe {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        if data is None:
+            raise QLoRAGuideError(f"recipe {path} is empty: start from a bundled one (qlora-guide recipes --copy demo {path.name})")
         if not isinstance(data, dict):
             raise QLoRAGuideError(f"recipe {path} must be a mapping of sections, not {type(data).__name__}")
     data = apply_overrides(data, overrides or [])

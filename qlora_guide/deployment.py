@@ -987,7 +987,13 @@ def generate(
     """Answer one user message with a base, merged or adapter model; stream it to ``out`` (stdout).
 
     Returns the answer's text. ``stream=False`` prints nothing and only returns it.
+    Bad arguments are refused before any model is loaded.
     """
+    if not prompt.strip():
+        raise QLoRAGuideError("the prompt is empty: give the message to answer ('-' reads it from standard input)")
+    if max_new_tokens < 1:
+        raise QLoRAGuideError(f"max_new_tokens must be a positive number of tokens, not {max_new_tokens}")
+    sampling_kwargs(temperature, top_p)  # raises on bad values, before the load
     lm = load_any(model_ref, quantization=quantization)
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": prompt}

@@ -714,6 +714,10 @@ def make_server(
 
     if max_tokens_limit < 1 or default_max_tokens < 1 or max_body_bytes < 1 or max_queue < 1:
         raise QLoRAGuideError("max_tokens_limit, default_max_tokens, max_body_bytes and max_queue must be positive")
+    if not 0 <= port <= 65535:
+        raise QLoRAGuideError(f"port {port} is not a TCP port: use 1 to 65535 (0 picks a free one)")
+    if context_length is not None and context_length < 1:
+        raise QLoRAGuideError(f"context_length must be a positive number of tokens, not {context_length}")
     lm = load_any(model_ref, quantization=quantization)
     limits = Limits(
         max_tokens_limit=max_tokens_limit,

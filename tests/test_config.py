@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -136,3 +137,33 @@ def test_library_objects_match_the_recipe():
 def test_every_field_has_help():
     for cls in (Recipe, *{type(getattr(Recipe(), f.name)) for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(getattr(Recipe(), f.name))}):
         assert all(field_help(cls).values()), cls.__name__
+
+
+def test_schedules_are_transformers_own(tmp_path):
+    from transformers.trainer_utils import SchedulerType
+
+    from qlora_guide.config import scheduler_types
+
+    assert set(scheduler_types()) == {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("training.lr_scheduler_type=bogus", "training.lr_scheduler_type: unknown schedule 'bogus'"),
+    ("training.learning_rate=.inf", "training.learning_rate: must be a positive finite number, not inf"),
+    ("training.learning_rate=.nan", "training.learning_rate: must be a positive finite number, not nan"),
+    ("training.report_to=[no_such_logger_pkg]", "training.report_to: 'no_such_logger_pkg' is not installed"),
+])
+def test_bad_training_settings_are_one_line_errors_at_load(override, message):
+    from qlora_guide.config import load_recipe
+
+    with pytest.raises(QLoRAGuideError, match=re.escape(message)):
+        load_recipe("demo", [override])
+
+
+def test_an_empty_recipe_file_is_refused(tmp_path):
+    from qlora_guide.config import load_recipe
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(QLoRAGuideError, match="is empty"):
+        load_recipe(empty)
