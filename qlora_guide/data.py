@@ -181,21 +181,32 @@ def read_file(path: Path) -> Dataset:
         raise QLoRAGuideError(f"data file {path}: the examples do not share one structure ({str(err).splitlines()[0]})") from None
 
 
+def _read_text(path: Path) -> str:
+    """A data file's text; JSON is UTF-8 by definition (RFC 8259), so any other bytes are a one-line error."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise QLoRAGuideError(
+            f"data file {path} is not UTF-8 (byte 0x{data[err.start]:02x} on line {line}): save it as UTF-8"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[Any]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise QLoRAGuideError(f"data file {path} line {number} is not valid JSON: {err.msg}") from None
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise QLoRAGuideError(f"data file {path} line {number} is not valid JSON: {err.msg}") from None
     return rows
 
 
 def _read_json(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

@@ -255,3 +255,22 @@ def test_hub_dataset_offline_is_one_line():
     with pytest.raises(QLoRAGuideError) as err:
         load_examples(DataConfig(path="someone/some-dataset"))
     assert "someone/some-dataset" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_data_file_that_is_not_utf8_is_a_one_line_error(tmp_path, suffix):
+    from qlora_guide.data import read_splits
+
+    path = tmp_path / f"train{suffix}"
+    text = '{"prompt": "Qu\'est-ce que la quantification ?", "completion": "Réduire le nombre de bits."}\n'
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(QLoRAGuideError, match=r"is not UTF-8 \(byte 0xe9 on line 1\): save it as UTF-8"):
+        read_splits(str(path))
+
+
+def test_a_line_separator_inside_a_json_string_is_not_a_line_break(tmp_path):
+    from qlora_guide.data import read_splits
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": "a\u2028b", "completion": "c"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert list(read_splits(str(path))["train"])[0]["prompt"] == "a\u2028b"
