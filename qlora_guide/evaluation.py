@@ -642,14 +642,22 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: str | os.PathLike, meta: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, str]:
-    """Write ``report.json`` (rows and settings) and ``report.md`` (a table) into ``out_dir``; return their paths."""
+def check_report_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
+    """The report's two paths in ``out_dir``; refused when ``out_dir`` is a file or a report is there (unless ``overwrite``)."""
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise QLoRAGuideError(f"--out {out} is a file, not a folder: choose another path")
     paths = {"json": out / REPORT_JSON, "markdown": out / REPORT_MD}
     existing = [p for p in paths.values() if p.exists()]
     if existing and not overwrite:
         raise QLoRAGuideError(f"{existing[0]} already exists: choose another folder or pass overwrite=True (--overwrite)")
+    return paths
+
+
+def write_report(rows: list[dict[str, Any]], out_dir: str | os.PathLike, meta: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, str]:
+    """Write ``report.json`` (rows and settings) and ``report.md`` (a table) into ``out_dir``; return their paths."""
+    paths = check_report_folder(out_dir, overwrite)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta or {}, "rows": rows}
     for key, text in (("json", json.dumps(payload, indent=2, ensure_ascii=False, default=str)), ("markdown", _markdown_report(rows, meta))):
         tmp = paths[key].with_name(f".{paths[key].name}.tmp-{os.getpid()}")
@@ -691,6 +699,8 @@ def evaluate_run(
     from qlora_guide import deployment
     from qlora_guide.config import EvaluationConfig, load_recipe
 
+    if out_dir is not None:
+        check_report_folder(out_dir, overwrite)  # before minutes of evaluation, not after
     kind = deployment.model_kind(run)
     recipe = None
     folder = Path(run).expanduser()

@@ -276,6 +276,8 @@ def check_output_dir(folder: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a folder that already holds something, unless resuming or overwriting a run."""
     if resume and overwrite:
         raise QLoRAGuideError("choose one of --resume and --overwrite")
+    if folder.exists() and not folder.is_dir():
+        raise QLoRAGuideError(f"--output {folder} is a file, not a folder: choose another path")
     if resume:
         if not (folder / "recipe.yaml").is_file():
             raise QLoRAGuideError(f"--resume: {folder} holds no run to resume")

@@ -214,3 +214,14 @@ def test_cuda_memory_is_measured_on_a_gpu(model_cache):
     (row,) = evaluation.evaluate_run("smollm2-135m", max_samples=2, max_new_tokens=4)["rows"]
     assert row["cuda_peak_allocated_mb"] >= row["weights_mb"]
     assert row["cuda_peak_reserved_mb"] >= row["cuda_peak_allocated_mb"]
+
+
+def test_an_existing_report_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    (tmp_path / "report.json").write_text("{}")
+    monkeypatch.setattr("qlora_guide.deployment.load_any", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(QLoRAGuideError, match="report.json already exists"):
+        evaluation.evaluate_run("smollm2-135m", out_dir=tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(QLoRAGuideError, match="is a file, not a folder"):
+        evaluation.evaluate_run("smollm2-135m", out_dir=tmp_path / "file")
+    assert (tmp_path / "report.json").read_text() == "{}"

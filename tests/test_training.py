@@ -284,6 +284,17 @@ def test_checkpoints_without_their_marker_are_ignored(tmp_path):
     assert [p.name for p in root.iterdir()] == ["checkpoint-2"]
 
 
+def test_an_output_that_is_a_file_is_refused(tmp_path):
+    from qlora_guide.training import check_output_dir
+
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    for resume, overwrite in ((False, False), (False, True), (True, False)):
+        with pytest.raises(QLoRAGuideError, match="is a file, not a folder"):
+            check_output_dir(existing, resume=resume, overwrite=overwrite)
+    assert existing.read_text() == "keep me"
+
+
 def test_output_folder_rules(tmp_path):
     check_output_dir(tmp_path / "new", resume=False, overwrite=False)
     run = tmp_path / "run"
