@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -328,21 +329,52 @@ def _fsync_tree(folder: Path) -> dict[str, int]:
     return sizes
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def mark_complete(checkpoint: Path, step: int) -> None:
-    """Write the marker that says a checkpoint is whole: file sizes, written last and atomically."""
+    """Write the marker that says a checkpoint is whole: each file's size and SHA-256, written last and atomically."""
     sizes = _fsync_tree(checkpoint)
+    files = {name: {"size": size, "sha256": _sha256(checkpoint / name)} for name, size in sizes.items()}
     tmp = checkpoint / f".{COMPLETE_MARKER}.tmp"
-    tmp.write_text(json.dumps({"step": step, "files": sizes}, indent=1))
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
     os.replace(tmp, checkpoint / COMPLETE_MARKER)
+
+
+def _recorded(entry: Any) -> tuple[int, str | None]:
+    """(size, sha256) of a marker entry; markers written before digests were recorded hold the size alone."""
+    return (entry["size"], entry.get("sha256")) if isinstance(entry, dict) else (int(entry), None)
 
 
 def is_complete(checkpoint: Path) -> bool:
     """A checkpoint is complete when its marker exists and every file it lists has the recorded size."""
     try:
         marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
-    except (OSError, ValueError):
+        files = {name: _recorded(entry) for name, entry in marker["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
         return False
-    return all((checkpoint / name).is_file() and (checkpoint / name).stat().st_size == size for name, size in marker["files"].items())
+    return all((checkpoint / name).is_file() and (checkpoint / name).stat().st_size == size for name, (size, _) in files.items())
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Compare every file of a complete checkpoint with its recorded SHA-256; name the first that differs.
+
+    A file damaged in place keeps its size, so only its content tells; resuming
+    from it would fail later with a misleading error (a NaN loss, a shape error).
+    """
+    marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    for name, entry in sorted(marker["files"].items()):
+        _, digest = _recorded(entry)
+        if digest is not None and _sha256(checkpoint / name) != digest:
+            raise QLoRAGuideError(
+                f"--resume: {checkpoint / name} is damaged (its content differs from what was saved): "
+                f"delete {checkpoint} to resume from the previous checkpoint, or train again with --overwrite"
+            )
 
 
 def latest_checkpoint(folder: Path, delete_incomplete: bool = False) -> Path | None:
@@ -670,6 +702,9 @@ def train(
     check_output_dir(out, resume, overwrite)
     if resume:
         check_same_recipe(out / "recipe.yaml", recipe)
+        newest = latest_checkpoint(out)
+        if newest is not None:
+            verify_checkpoint(newest)  # before any model is loaded
 
     from qlora_guide.models import load_tokenizer
 

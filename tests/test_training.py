@@ -284,6 +284,22 @@ def test_checkpoints_without_their_marker_are_ignored(tmp_path):
     assert [p.name for p in root.iterdir()] == ["checkpoint-2"]
 
 
+def test_a_checkpoint_damaged_at_the_same_size_is_named_on_resume(tiny_recipe):
+    import shutil
+
+    tiny_recipe["training"]["save_total_limit"] = 1
+    run = train(tiny_recipe).output_dir
+    shutil.rmtree(run / "adapter")  # as if the run had been killed after its last checkpoint
+    checkpoint = latest_checkpoint(run)
+    weights = checkpoint / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # same size, other content
+    weights.write_bytes(bytes(data))
+    with pytest.raises(QLoRAGuideError, match=r"adapter_model\.safetensors is damaged"):
+        train(tiny_recipe, resume=True)
+    assert weights.read_bytes() == bytes(data), "nothing was rewritten"
+
+
 def test_an_output_that_is_a_file_is_refused(tmp_path):
     from qlora_guide.training import check_output_dir
 
