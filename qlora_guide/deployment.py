@@ -41,7 +41,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.outputs import check_output_folder, replace_folder, staging_folder
-from qlora_guide.precision import use_differentiable_4bit_kernel
+from qlora_guide.precision import cpu_compute_dtype, use_differentiable_4bit_kernel
 
 if TYPE_CHECKING:  # pragma: no cover
     from qlora_guide.config import QuantizationConfig
@@ -397,11 +397,12 @@ def load_any(
     ``quantization="auto"``: an adapter loads on the base it was trained on
     (4-bit for QLoRA), a plain model in ``dtype``. ``dtype="auto"``: a model
     folder loads in the dtype it was saved in (a float32 merge stays float32),
-    anything else in bfloat16. Pass a
+    anything else in bfloat16; on a CPU without native bf16, bfloat16 weights
+    load as float32 (the same values, computed many times faster). Pass a
     :class:`~qlora_guide.config.QuantizationConfig` to load any of them in 4 bits.
     A :class:`LoadedModel` is returned unchanged.
     """
-    from qlora_guide.models import load_model
+    from qlora_guide.models import default_device_map, load_model
 
     if isinstance(model_ref, LoadedModel):
         return model_ref
@@ -409,6 +410,8 @@ def load_any(
     kind = model_kind(model_ref)
     if dtype == AUTO:
         dtype = saved_dtype(model_ref) if kind == "model" else "bfloat16"
+        if (device_map or default_device_map()) == "cpu":
+            dtype = cpu_compute_dtype(dtype)  # bf16 is only emulated on many CPUs, and then far slower than float32
     if kind == "adapter":
         folder = find_adapter_dir(model_ref)
         model = load_adapter_model(folder, quantization=quantization, dtype=dtype, device_map=device_map)
