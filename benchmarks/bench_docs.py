@@ -65,6 +65,10 @@ def timed(command: list[str]) -> dict[str, float]:
 
 
 def main() -> None:
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        print("bench_docs: psutil is not installed here (pip install psutil): peak memory will read 0")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envdir", help="nox environment folder to use (default: a new temporary one)")
     args = parser.parse_args()
