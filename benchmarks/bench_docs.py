@@ -7,7 +7,7 @@
 and no execution cache: the installs, every page executed in English, the French
 build from the same cache, the embedded model converted into a fresh
 cache folder. The existing ``docs/_build`` is moved aside to
-``docs/_build.before-bench`` first (nothing is deleted). The prose-only change
+``.bench-docs-previous-build`` first (nothing is deleted). The prose-only change
 appends an HTML comment to ``docs/index.md`` and takes it out again afterwards.
 Peak memory is the largest sum of the resident memory of the build's processes,
 sampled every half second. Per-page execution times come from the build's own
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--envdir", help="nox environment folder to use (default: a new temporary one)")
     args = parser.parse_args()
     if BUILD.exists():
-        aside = BUILD.with_name("_build.before-bench")
+        aside = REPO / ".bench-docs-previous-build"  # outside docs/: Sphinx would read it as sources
         if aside.exists():
             sys.exit(f"bench_docs: {aside} already exists: remove it or move it away first")
         os.replace(BUILD, aside)

@@ -45,7 +45,7 @@ extensions = [
     "execution_times",
 ]
 
-exclude_patterns = ["_build", "jupyter_execute", "locales", "tools", "**.ipynb_checkpoints", "README.md"]
+exclude_patterns = ["_build", "_build.*", "jupyter_execute", "locales", "tools", "**.ipynb_checkpoints", "README.md"]
 templates_path = ["_templates"]
 
 # -- Translation ---------------------------------------------------------------
