@@ -773,6 +773,7 @@ def merge_adapter(
 
     parity: dict[str, Any] = {}
     naive: dict[str, Any] = {}
+    naive_wanted = quantized is not None
     if check_parity:
         if quantized is None:
             adapter_model = load_adapter_model(folder, quantization=None, dtype="float32")
@@ -786,13 +787,14 @@ def merge_adapter(
             parity["arithmetic_floor_max_logit_diff"] = round(
                 max((a - b).abs().max().item() for a, b in zip(base_4bit, floor, strict=True)), 6
             )
-        if compare_naive and quantized is not None:
+        del adapter_model, quantized
+        gc.collect()  # the naive merge loads another whole model: free the 4-bit one first
+        if compare_naive and naive_wanted:
             original = load_model(base_name, dtype="float32")
             naive_model = load_adapter_model(folder, base_model=original).merge_and_unload()
             naive = _compare(reference, _outputs(naive_model, inputs, parity_tokens))
             del naive_model, original
-        del adapter_model
-    del quantized, unmerged
+    del unmerged
     gc.collect()
 
     staging = staging_folder(out_dir, "merged")

@@ -748,6 +748,8 @@ def train(
                          str(checkpoint) if checkpoint else None, precision.notes)
     files = {"metrics.json": metrics, "manifest.json": _manifest(recipe, precision, data, result)}
     save_adapter(trainer, tokenizer, out, files)
+    del trainer, model, output
+    free_memory()  # the Trainer holds reference cycles: give the model's memory back before returning
     return result
 
 
