@@ -13,7 +13,6 @@ is killed half-way never leaves a folder that looks usable.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_guide.errors import QLoRAGuideError
-from qlora_guide.precision import cpu_compute_dtype, follow_cpu_bf16_setting
+from qlora_guide.precision import follow_cpu_bf16_setting
 
 if TYPE_CHECKING:  # pragma: no cover
     from qlora_guide.config import QuantizationConfig
@@ -225,8 +224,6 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
-        if kwargs["device_map"] == "cpu":  # the 4-bit layers' arithmetic, not their weights: float32 where bf16 is emulated
-            quantization = dataclasses.replace(quantization, bnb_4bit_compute_dtype=cpu_compute_dtype(quantization.bnb_4bit_compute_dtype))
         kwargs["quantization_config"] = quantization.to_bnb()
         kwargs["dtype"] = torch_dtype(quantization.bnb_4bit_compute_dtype)
     model = _from_pretrained(AutoModelForCausalLM, name, **kwargs)

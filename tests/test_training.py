@@ -240,7 +240,7 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_recipe, tmp_path):
         train(tiny_recipe, ["lora.target_modules=[q_proj, c_attn]"], output_dir=out)
     with pytest.raises(QLoRAGuideError, match=r"^lora.r: must be a positive integer"):
         train(tiny_recipe, ["lora.r=0"], output_dir=out)
-    with pytest.raises(QLoRAGuideError, match=r"^training.learning_rate: must be positive"):
+    with pytest.raises(QLoRAGuideError, match=r"^training.learning_rate: must be a positive finite number"):
         train(tiny_recipe, ["training.learning_rate=-0.001"], output_dir=out)
     with pytest.raises(QLoRAGuideError, match="does not exist"):
         train(tiny_recipe, [f"data.path={tmp_path / 'missing.jsonl'}"], output_dir=out)
