@@ -176,11 +176,16 @@ def test_compare_models_measures_every_variant_on_the_same_data(tmp_path_factory
 
     from qlora_guide.deployment import merge_adapter
 
-    # the float32 path: the 4-bit models compute in float32, so the merged model must match them exactly
+    # float32 arithmetic everywhere (4-bit compute dtype, and bitsandbytes' bf16 CPU kernel off): the merged
+    # model must then match the 4-bit + adapter model exactly
     monkeypatch.setenv("QLORA_GUIDE_CPU_BF16", "0")
     run = make_adapter_run(tmp_path_factory.mktemp("compare") / "run")
     merged = merge_adapter(run, run.parent / "merged", check_parity=False).out_dir
-    rows = evaluation.compare_models(adapter_dir=run, merged_dir=merged, data=examples[:4], batch_size=4, max_new_tokens=6, speed_tokens=4)
+    from qlora_guide.config import QuantizationConfig
+
+    float32_4bit = QuantizationConfig(bnb_4bit_compute_dtype="float32")
+    rows = evaluation.compare_models(adapter_dir=run, merged_dir=merged, data=examples[:4], batch_size=4, max_new_tokens=6,
+                                     speed_tokens=4, quantization=float32_4bit)
     by_name = {r["variant"]: r for r in rows}
     assert list(by_name) == ["bf16 base", "4-bit base", "4-bit + adapter", "merged"]
     assert by_name["bf16 base"]["perplexity_ratio"] == 1.0
