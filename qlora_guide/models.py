@@ -13,7 +13,6 @@ is killed half-way never leaves a folder that looks usable.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.outputs import sha256_file
 from qlora_guide.precision import follow_cpu_bf16_setting
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,17 +106,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path, source: Path) -> None:
     """Record size and digest of every file, so a damaged cache is recognised."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(folder.iterdir()) if p.is_file()}
     manifest = {"format": CACHE_FORMAT, "source": str(source), "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
@@ -132,7 +124,7 @@ def check_cache(folder: Path, verify_digests: bool = False) -> None:
         path = folder / name
         if not path.is_file() or path.stat().st_size != meta["bytes"]:
             raise QLoRAGuideError(f"the model cache {folder} is corrupt ({name} is missing or truncated): {fix}")
-        if verify_digests and _sha256(path) != meta["sha256"]:
+        if verify_digests and sha256_file(path) != meta["sha256"]:
             raise QLoRAGuideError(f"the model cache {folder} is corrupt ({name} does not match its digest): {fix}")
 
 

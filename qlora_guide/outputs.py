@@ -15,6 +15,7 @@ Every command that writes a folder (``train``, ``quantize``, ``merge``,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,15 @@ from pathlib import Path
 from qlora_guide.errors import QLoRAGuideError
 
 MARKER = ".qlora-guide-output.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content, read in 1 MiB blocks (what caches and checkpoint markers record)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import hashlib
 import json
 import logging
 import math
@@ -50,6 +49,7 @@ from typing import Any
 from qlora_guide.config import LoraConfig, Recipe, copy_recipe, load_recipe  # noqa: F401  (copy_recipe: for the CLI)
 from qlora_guide.data import PreparedData, TokenStats, prepare_data
 from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.outputs import sha256_file
 from qlora_guide.precision import cpu_has_native_bf16, use_differentiable_4bit_kernel
 
 log = logging.getLogger(__name__)
@@ -329,18 +329,10 @@ def _fsync_tree(folder: Path) -> dict[str, int]:
     return sizes
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def mark_complete(checkpoint: Path, step: int) -> None:
     """Write the marker that says a checkpoint is whole: each file's size and SHA-256, written last and atomically."""
     sizes = _fsync_tree(checkpoint)
-    files = {name: {"size": size, "sha256": _sha256(checkpoint / name)} for name, size in sizes.items()}
+    files = {name: {"size": size, "sha256": sha256_file(checkpoint / name)} for name, size in sizes.items()}
     tmp = checkpoint / f".{COMPLETE_MARKER}.tmp"
     tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
     os.replace(tmp, checkpoint / COMPLETE_MARKER)
@@ -370,7 +362,7 @@ def verify_checkpoint(checkpoint: Path) -> None:
     marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
     for name, entry in sorted(marker["files"].items()):
         _, digest = _recorded(entry)
-        if digest is not None and _sha256(checkpoint / name) != digest:
+        if digest is not None and sha256_file(checkpoint / name) != digest:
             raise QLoRAGuideError(
                 f"--resume: {checkpoint / name} is damaged (its content differs from what was saved): "
                 f"delete {checkpoint} to resume from the previous checkpoint, or train again with --overwrite"
