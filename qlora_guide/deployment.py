@@ -525,8 +525,8 @@ def load_dequantized(base_name: str = "smollm2-135m", quantization: Quantization
     return model.eval()
 
 
-def _lora_layers(model: Any) -> list[tuple[str, Any, Any]]:
-    """(name, layer, exact update) of every LoRA layer of a PeftModel, the update ``scaling * B @ A`` in float64."""
+def _lora_layers(model: Any) -> list[tuple[str, Any, Any, Any, int]]:
+    """Every LoRA layer of a PeftModel: (name, layer, exact update ``s B A``, its terms ``|s| |B| |A|``, r), in float64."""
     from peft.tuners.lora import LoraLayer
 
     layers = []
@@ -538,10 +538,11 @@ def _lora_layers(model: Any) -> list[tuple[str, Any, Any]]:
                 continue
             a = module.lora_A[adapter].weight.detach().double()
             b = module.lora_B[adapter].weight.detach().double()
-            delta = (b @ a) * module.scaling[adapter]
+            scale = module.scaling[adapter]
+            delta, terms = (b @ a) * scale, (b.abs() @ a.abs()) * abs(scale)
             if getattr(module, "fan_in_fan_out", False):
-                delta = delta.T
-            layers.append((name, module, delta))
+                delta, terms = delta.T, terms.T
+            layers.append((name, module, delta, terms, module.r[adapter]))
     return layers
 
 
@@ -554,19 +555,13 @@ def update_rounding(model: Any, dtypes: tuple[str, ...] = MERGE_DTYPES) -> dict[
     layers): 0.5 means the stored weights misstate the update by half its size.
     The update is small next to ``W``, so a dtype with 8 significant bits
     (bfloat16) can lose most of it while barely changing ``W``.
-
-    ``bound`` holds what float arithmetic allows each merged float32 weight to
-    differ from the exact sum: the rounding of ``B @ A`` (``r + 1`` roundings
-    of its ``|B| |A|`` terms), of the sum and of the storage, each at most one
-    unit roundoff; it is what :func:`merge_adapter` checks, element by element.
     """
     import torch
 
     err2 = dict.fromkeys(dtypes, 0.0)
     update2, layers = 0.0, []
-    for name, module, delta in _lora_layers(model):
-        weight = module.get_base_layer().weight.detach().double()
-        target = weight + delta
+    for name, module, delta, _terms, _r in _lora_layers(model):
+        target = module.get_base_layer().weight.detach().double() + delta
         update2 += float((delta**2).sum())
         for dtype in dtypes:
             stored = target.to(getattr(torch, dtype)).double()
@@ -579,19 +574,17 @@ def update_rounding(model: Any, dtypes: tuple[str, ...] = MERGE_DTYPES) -> dict[
 
 
 def _exact_targets(model: Any) -> dict[str, tuple[Any, Any]]:
-    """Per LoRA layer: the exact merged weight (float64) and its float32 rounding bound, before merging."""
+    """Per LoRA layer, before merging: the exact merged weight (float64) and what float32 rounding may change in it.
+
+    The bound: ``r + 1`` roundings of the terms of ``s B A``, then the sum and
+    its storage, each at most one unit roundoff (what :func:`merge_adapter`
+    checks, element by element).
+    """
     u = UNIT_ROUNDOFF["float32"]
     targets = {}
-    for name, module, delta in _lora_layers(model):
-        weight = module.get_base_layer().weight.detach().double()
-        module_r = module.r[module.active_adapters[0]]
-        a = module.lora_A[module.active_adapters[0]].weight.detach().double().abs()
-        b = module.lora_B[module.active_adapters[0]].weight.detach().double().abs()
-        terms = (b @ a) * abs(module.scaling[module.active_adapters[0]])
-        if getattr(module, "fan_in_fan_out", False):
-            terms = terms.T
-        target = weight + delta
-        targets[name] = (target, (module_r + 1) * u * terms + 2 * u * target.abs())
+    for name, module, delta, terms, r in _lora_layers(model):
+        target = module.get_base_layer().weight.detach().double() + delta
+        targets[name] = (target, (r + 1) * u * terms + 2 * u * target.abs())
     return targets
 
 
