@@ -44,7 +44,7 @@ def main() -> None:
 
     recipe = load_recipe("demo")
     precision = training.resolve_precision(recipe)
-    data = prepare_data(recipe.data, load_tokenizer(), recipe.training.per_device_train_batch_size, seed=0)
+    data = prepare_data(recipe.data, load_tokenizer(), recipe.training.per_device_train_batch_size)
     model = training.build_model(recipe, precision)
     model.train()
     batch = data.collator([data.train[i] for i in range(recipe.training.per_device_train_batch_size)])

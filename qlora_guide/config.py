@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.outputs import write_text_atomic
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 GUIDE_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -360,7 +361,7 @@ def copy_recipe(name: str, dest: str | Path, overwrite: bool = False) -> list[Pa
             raise QLoRAGuideError(f"{out} already exists: choose another destination or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
     for source, out in copies:
-        out.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+        write_text_atomic(out, source.read_text(encoding="utf-8"))
     return [out for _, out in copies]
 
 

@@ -28,6 +28,7 @@ JSON, a missing column, nothing left to train on) is a one-line
 from __future__ import annotations
 
 import bisect
+import collections
 import csv
 import hashlib
 import json
@@ -77,13 +78,14 @@ FALLBACK_CHAT_TEMPLATE = (
 # ---------------------------------------------------------------- loading
 
 
-def load_examples(data: DataConfig, seed: int = SPLIT_SEED) -> DatasetDict:
+def load_examples(data: DataConfig) -> DatasetDict:
     """Load the examples named by ``data.path`` as a DatasetDict with train and validation splits.
 
     The format is checked (and detected when ``data.format`` is ``auto``) on the
     training split; ``data.languages`` keeps only examples whose ``lang`` is
     listed; a missing validation split is cut from the training split with a
-    fixed seed, so two runs of the same recipe validate on the same examples.
+    fixed seed (not ``training.seed``), so runs that differ only in their seed
+    validate on the same examples and their validation losses compare.
     """
     from datasets import DatasetDict
 
@@ -104,7 +106,7 @@ def load_examples(data: DataConfig, seed: int = SPLIT_SEED) -> DatasetDict:
         else:
             if len(train) < 2:
                 raise QLoRAGuideError(f"data: {data.path} has {len(train)} training example(s): too few to hold out a validation split")
-            parts = train.train_test_split(test_size=data.validation_size, seed=seed, shuffle=True)
+            parts = train.train_test_split(test_size=data.validation_size, seed=SPLIT_SEED, shuffle=True)
             result["train"], result["validation"] = parts["train"], parts["test"]
     for name, ds in splits.items():  # other splits (test...) pass through; 'validation' means the validation split only
         if name not in (data.train_split, data.validation_split, "validation") and len(ds) > 0:
@@ -505,14 +507,21 @@ class Collator:
     position, not by token id: with SmolLM2 the pad token is the end-of-turn
     token, and the one closing each answer keeps its label.
 
-    ``real_tokens`` and ``padded_tokens`` count what went through, for the
-    benchmark and the logs.
+    ``real_tokens`` and ``padded_tokens`` count what went through. Each batch's
+    own (real, padding) pair also waits in ``batch_counts`` until the trainer
+    takes it with :meth:`take` when it trains on that batch: data loaders fetch
+    ahead, so what was collated is not what was trained on.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     real_tokens: int = field(default=0, init=False)
     padded_tokens: int = field(default=0, init=False)
+    batch_counts: collections.deque = field(default_factory=collections.deque, init=False, repr=False)
+
+    def take(self) -> tuple[int, int]:
+        """(real, padding) tokens of the oldest batch not yet taken."""
+        return self.batch_counts.popleft()
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -530,8 +539,11 @@ class Collator:
                 batch["position_ids"].append(list(f["position_ids"]) + list(range(pad)))
             else:
                 batch["attention_mask"].append([1] * n + [0] * pad)
-            self.real_tokens += n
-            self.padded_tokens += pad
+        real = sum(len(f["input_ids"]) for f in features)
+        padding = longest * len(features) - real
+        self.real_tokens += real
+        self.padded_tokens += padding
+        self.batch_counts.append((real, padding))
         out: dict[str, Any] = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
         if packed:
             out["use_cache"] = False  # with a KV cache, transformers ignores the packed position_ids
@@ -553,9 +565,9 @@ class PreparedData:
     data_format: str
 
 
-def prepare_data(data: DataConfig, tokenizer: Any, batch_size: int = 1, seed: int = SPLIT_SEED) -> PreparedData:
+def prepare_data(data: DataConfig, tokenizer: Any, batch_size: int = 1) -> PreparedData:
     """Load and tokenize the training and validation splits of ``data`` for ``tokenizer``."""
-    splits = load_examples(data, seed=seed)
+    splits = load_examples(data)
     fmt = detect_format(splits["train"].column_names, data.format, data.path)
     train, train_stats = tokenize(splits["train"], tokenizer, data, batch_size, where="train")
     validation, validation_stats = None, None

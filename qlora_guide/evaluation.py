@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.outputs import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from qlora_guide.config import QuantizationConfig
@@ -660,9 +661,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | os.PathLike, meta: d
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta or {}, "rows": rows}
     for key, text in (("json", json.dumps(payload, indent=2, ensure_ascii=False, default=str)), ("markdown", _markdown_report(rows, meta))):
-        tmp = paths[key].with_name(f".{paths[key].name}.tmp-{os.getpid()}")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, paths[key])
+        write_text_atomic(paths[key], text + "\n")
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -49,7 +49,7 @@ from typing import Any
 from qlora_guide.config import LoraConfig, Recipe, copy_recipe, load_recipe  # noqa: F401  (copy_recipe: for the CLI)
 from qlora_guide.data import PreparedData, TokenStats, prepare_data
 from qlora_guide.errors import QLoRAGuideError
-from qlora_guide.outputs import sha256_file
+from qlora_guide.outputs import sha256_file, write_json_atomic, write_text_atomic
 from qlora_guide.precision import cpu_has_native_bf16, use_differentiable_4bit_kernel
 
 log = logging.getLogger(__name__)
@@ -333,9 +333,7 @@ def mark_complete(checkpoint: Path, step: int) -> None:
     """Write the marker that says a checkpoint is whole: each file's size and SHA-256, written last and atomically."""
     sizes = _fsync_tree(checkpoint)
     files = {name: {"size": size, "sha256": sha256_file(checkpoint / name)} for name, size in sizes.items()}
-    tmp = checkpoint / f".{COMPLETE_MARKER}.tmp"
-    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
-    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+    write_json_atomic(checkpoint / COMPLETE_MARKER, {"step": step, "files": files})
 
 
 def _recorded(entry: Any) -> tuple[int, str | None]:
@@ -387,7 +385,7 @@ def trim_history(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 # ---------------------------------------------------------------- Trainer pieces
@@ -472,6 +470,59 @@ class AnswerOnlyLogits:
         return self.checked
 
 
+@dataclass
+class RunState:
+    """What a resumed run needs besides the Trainer's own state to report the whole run, not its last part.
+
+    transformers restores the optimizer, scheduler, RNG and step counters from a
+    checkpoint, but restarts its training-loss sum, and knows nothing of the
+    collator's token counts or the time spent before the interruption. Each
+    process saves these in every checkpoint (``run_state-rank<N>.json``) and
+    reloads them on resume, so a resumed run's ``metrics.json`` equals an
+    uninterrupted one's.
+    """
+
+    loss_sum: float = 0.0  # sum of the per-batch training losses, as the Trainer adds them up
+    real_tokens: int = 0  # tokens of the batches trained on, padding apart
+    padded_tokens: int = 0
+    runtime: float = 0.0  # seconds of training before this process started
+    started: float = field(default_factory=time.time)
+
+    def add(self, loss: float, real: int, padding: int) -> None:
+        """Count one trained batch."""
+        self.loss_sum += loss
+        self.real_tokens += real
+        self.padded_tokens += padding
+
+    @staticmethod
+    def path(checkpoint: Path, rank: int) -> Path:
+        return checkpoint / f"run_state-rank{rank}.json"
+
+    def save(self, checkpoint: Path, rank: int) -> None:
+        state = {"loss_sum": self.loss_sum, "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens,
+                 "runtime": self.runtime + time.time() - self.started}
+        write_json_atomic(self.path(checkpoint, rank), state)
+
+    @classmethod
+    def load(cls, checkpoint: Path | None, rank: int) -> RunState:
+        """The state saved in ``checkpoint`` (a fresh one without it)."""
+        if checkpoint is None or not cls.path(checkpoint, rank).is_file():
+            return cls()
+        saved = json.loads(cls.path(checkpoint, rank).read_text())
+        return cls(**{key: saved[key] for key in ("loss_sum", "real_tokens", "padded_tokens", "runtime")})
+
+
+def initial_eval_loss(history: Path) -> float | None:
+    """The validation loss before the first step, as the run's ``metrics.jsonl`` recorded it."""
+    if not history.is_file():
+        return None
+    for line in history.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("step") == 0 and "eval_loss" in record:
+            return record["eval_loss"]
+    return None
+
+
 def _trainer_class() -> type:
     """transformers' Trainer with answer-only logits, a token-weighted evaluation, a memory log and a NaN/inf guard."""
     import torch
@@ -480,6 +531,7 @@ def _trainer_class() -> type:
 
     class QLoRATrainer(Trainer):
         answer_only: AnswerOnlyLogits | None = None
+        run_state: RunState
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             head = self.answer_only
@@ -501,14 +553,21 @@ def _trainer_class() -> type:
                     f"training stopped at step {self.state.global_step + 1}: the loss became {float(loss.float().mean())} "
                     "(lower training.learning_rate or training.max_grad_norm, or set training.bf16=false)"
                 )
+            real, padding = self.data_collator.take()
+            self.run_state.add(float(loss.float().mean()), real, padding)
             return loss
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)  # the completion marker, written after this, covers the state file
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            self.run_state.save(folder, self.args.process_index)
 
         def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
             batches = (self._prepare_inputs(b) for b in dataloader)
-            counts = (getattr(self.data_collator, "real_tokens", 0), getattr(self.data_collator, "padded_tokens", 0))
+            pending = len(self.data_collator.batch_counts)
             loss, tokens = validation_loss(self.model, batches, self.autocast_smart_context_manager)
-            if hasattr(self.data_collator, "real_tokens"):  # the collator counts training tokens only
-                self.data_collator.real_tokens, self.data_collator.padded_tokens = counts
+            while len(self.data_collator.batch_counts) > pending:  # validation batches are not training tokens
+                self.data_collator.batch_counts.pop()
             totals = torch.tensor([loss * tokens if tokens else 0.0, float(tokens)], dtype=torch.float64, device=self.args.device)
             if self.args.world_size > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
@@ -522,9 +581,7 @@ def _trainer_class() -> type:
 
         def log(self, logs, start_time=None):
             logs.update(memory_stats())
-            collator = self.data_collator
-            if hasattr(collator, "real_tokens"):
-                logs["train_tokens_seen"] = collator.real_tokens
+            logs["train_tokens_seen"] = self.run_state.real_tokens
             super().log(logs, start_time)
 
     return QLoRATrainer
@@ -640,12 +697,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def save_adapter(trainer: Any, tokenizer: Any, output_dir: Path, files: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write the adapter and tokenizer into a temporary folder, then ``files`` (metrics, manifest), then rename
     the folder into place: a run whose ``adapter/`` exists is complete, whenever it was killed."""
@@ -660,7 +711,7 @@ def save_adapter(trainer: Any, tokenizer: Any, output_dir: Path, files: dict[str
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of the adapter
         _fsync_tree(tmp)
         for name, content in (files or {}).items():
-            _write_json(output_dir / name, content)
+            write_json_atomic(output_dir / name, content)
         os.replace(tmp, final)
     trainer.accelerator.wait_for_everyone()
     return final
@@ -704,7 +755,7 @@ def train(
     for note in precision.notes:
         log.warning(note)
     tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
-    data = prepare_data(recipe.data, tokenizer, recipe.training.per_device_train_batch_size, seed=recipe.training.seed)
+    data = prepare_data(recipe.data, tokenizer, recipe.training.per_device_train_batch_size)
     model = build_model(recipe, precision)
     trainable, total = trainable_parameters(model)
     log.info("trainable params: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -721,7 +772,7 @@ def train(
             checkpoint = latest_checkpoint(out, delete_incomplete=True)
             trim_history(out / "metrics.jsonl", int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0)
         else:
-            (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+            write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
     _barrier()
     if resume and not is_main_process():
         checkpoint = latest_checkpoint(out)
@@ -729,13 +780,13 @@ def train(
         log.warning("--resume: %s has no complete checkpoint yet: starting from step 0", out)
 
     trainer = _make_trainer(recipe, model, tokenizer, data, args, out)
-    started = time.time()
+    trainer.run_state = RunState.load(checkpoint, args.process_index)
     initial_eval = None
-    if data.validation is not None and checkpoint is None:
-        initial_eval = trainer.evaluate()["eval_loss"]
+    if data.validation is not None:
+        initial_eval = trainer.evaluate()["eval_loss"] if checkpoint is None else initial_eval_loss(out / "metrics.jsonl")
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     free_memory()
-    metrics = _final_metrics(trainer, output, data, initial_eval, time.time() - started)
+    metrics = _final_metrics(trainer, output, data, initial_eval)
     result = TrainResult(out, out / ADAPTER_DIR, metrics, trainable, total, data.train_stats, data.validation_stats,
                          str(checkpoint) if checkpoint else None, precision.notes)
     files = {"metrics.json": metrics, "manifest.json": _manifest(recipe, precision, data, result)}
@@ -778,20 +829,21 @@ def _make_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData
     return trainer
 
 
-def _final_metrics(trainer: Any, output: Any, data: PreparedData, initial_eval: float | None, seconds: float) -> dict[str, Any]:
-    """Final figures: training loss and speed, and the validation loss of the kept (best) adapter."""
+def _final_metrics(trainer: Any, output: Any, data: PreparedData, initial_eval: float | None) -> dict[str, Any]:
+    """Final figures of the whole run (a resumed one included): training loss and speed, and the validation
+    loss of the kept (best) adapter."""
     import torch
 
-    state = trainer.state
-    tokens = torch.tensor([data.collator.real_tokens, data.collator.padded_tokens], device=trainer.args.device)
+    state, run = trainer.state, trainer.run_state
+    tokens = torch.tensor([run.real_tokens, run.padded_tokens], device=trainer.args.device)
     if trainer.args.world_size > 1:  # every process counted its own batches
         tokens = trainer.accelerator.reduce(tokens, reduction="sum")
     real, padding = (int(t) for t in tokens.tolist())
-    runtime = output.metrics.get("train_runtime", seconds)
+    runtime = run.runtime + output.metrics.get("train_runtime", time.time() - run.started)
     metrics: dict[str, Any] = {
         "global_step": state.global_step,
         "epoch": state.epoch,
-        "train_loss": output.training_loss,
+        "train_loss": run.loss_sum / max(state.global_step, 1),
         "train_runtime": runtime,
         "train_tokens": real,
         "train_padding_tokens": padding,

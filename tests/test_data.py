@@ -208,6 +208,7 @@ def test_collator_pads_right_and_masks_padding_by_position(tokenizer):
     assert "attention_mask" not in packed and packed["use_cache"] is False
     assert packed["position_ids"].tolist() == [[0, 1, 0, 0, 1], [0, 1, 2, 0, 1]]  # padding is a block of its own
     assert (collator.real_tokens, collator.padded_tokens) == (16, 4)
+    assert [collator.take(), collator.take()] == [(8, 2), (8, 2)]  # each batch's counts, in the order collated
 
 
 def test_prepare_data_on_the_bundled_dataset(tokenizer):

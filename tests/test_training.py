@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qlora_guide.config import DataConfig, QuantizationConfig, load_recipe
-from qlora_guide.data import IGNORE_INDEX, Collator, load_examples, pack, tokenize
+from qlora_guide.data import IGNORE_INDEX, Collator, load_examples, pack, prepare_data, tokenize
 from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.training import (
     COMPLETE_MARKER,
@@ -191,7 +191,7 @@ def test_answer_only_logits_give_the_models_loss_and_gradients(tiny_recipe, toke
 # ---------------------------------------------------------------- a whole run
 
 
-def test_train_writes_a_complete_run(tiny_recipe):
+def test_train_writes_a_complete_run(tiny_recipe, tokenizer):
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -206,6 +206,9 @@ def test_train_writes_a_complete_run(tiny_recipe):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 7 and manifest["base_model"] == "smollm2-135m"
     assert manifest["data"]["train_fingerprint"] == result.train_stats.fingerprint and len(result.train_stats.fingerprint) == 64
+    # the held-out validation split does not follow training.seed (7 here): runs with other seeds validate alike
+    same_split = prepare_data(DataConfig(**tiny_recipe["data"]), tokenizer, 2).validation_stats.fingerprint
+    assert manifest["data"]["validation_fingerprint"] == same_split
     assert manifest["versions"]["peft"] and manifest["versions"]["bitsandbytes"]
     assert manifest["trainable_params"] == result.trainable_params > 0
     assert 0 < result.trainable_percent < 1
@@ -215,6 +218,7 @@ def test_train_writes_a_complete_run(tiny_recipe):
     assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"])
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in h for h in history) and any("eval_loss" in h for h in history)
+    assert metrics["train_loss"] == pytest.approx(history[-1]["train_loss"], rel=1e-6)  # the Trainer's own average
     assert all("mem_rss_mb" in h or "mem_cuda_peak_allocated_mb" in h for h in history)
     assert list((out / "logs").glob("events.out.tfevents.*"))
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
@@ -356,11 +360,11 @@ def _script(tmp_path: Path, recipe: dict, body: str) -> Path:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_ends_with_the_same_adapter(tiny_recipe, tmp_path):
+def test_resume_after_sigkill_ends_with_the_same_adapter_and_metrics(tiny_recipe, tmp_path):
     from safetensors.torch import load_file
 
-    tiny_recipe["data"]["validation_split"] = None  # the adapter is the last step's: nothing chooses a 'best'
-    tiny_recipe["training"].update(max_steps=6, save_steps=2, save_total_limit=3, learning_rate=3e-3)
+    # 6 steps, a checkpoint and a validation pass every 2: the kept adapter is the best one, chosen alike in both runs
+    tiny_recipe["training"].update(max_steps=6, save_steps=2, eval_steps=2, save_total_limit=3, learning_rate=3e-3)
     straight = train(tiny_recipe, output_dir=tmp_path / "straight")
 
     killed = tmp_path / "killed"
@@ -381,9 +385,20 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(tiny_recipe, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
-    assert resumed.metrics["train_tokens"] < straight.metrics["train_tokens"]  # it continued, it did not start again
+
+    # metrics.json of the resumed run is the whole run's: counts exactly, losses to float noise
+    whole, parts = (json.loads((run / "metrics.json").read_text()) for run in (tmp_path / "straight", killed))
+    for key in ("global_step", "epoch", "train_tokens", "train_padding_tokens", "stopped_early"):
+        assert parts[key] == whole[key], key
+    assert Path(parts["best_checkpoint"]).name == Path(whole["best_checkpoint"]).name
+    for key in ("train_loss", "initial_eval_loss", "eval_loss", "eval_perplexity"):
+        assert parts[key] == pytest.approx(whole[key], rel=1e-4), key
     history = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]  # the killed run's extra lines were trimmed
+    assert [h["train_tokens_seen"] for h in history if "loss" in h] == [
+        json.loads(line)["train_tokens_seen"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 def _free_port() -> int:
