@@ -77,7 +77,7 @@ class QuantizationConfig:
     bnb_4bit_quant_type: str = _field("nf4", "4-bit data type: nf4 (NormalFloat, for normally distributed weights) or fp4.")
     bnb_4bit_use_double_quant: bool = _field(True, "Quantize the absmax constants too: 0.5 -> about 0.127 extra bits per parameter.")
     bnb_4bit_compute_dtype: str = _field("bfloat16", "dtype the 4-bit weights are dequantized to for each matmul.")
-    bnb_4bit_quant_storage: str = _field("uint8", "dtype the packed 4-bit codes are stored in; FSDP needs it equal to the model dtype (bfloat16).")
+    bnb_4bit_quant_storage: str = _field("uint8", "dtype the packed 4-bit codes are stored in; FSDP and DeepSpeed ZeRO-3 shard the weights and need it equal to the model dtype (bfloat16).")
 
     def __post_init__(self) -> None:
         _require(self.bnb_4bit_quant_type in ("nf4", "fp4"), "quantization.bnb_4bit_quant_type", f"must be nf4 or fp4, not '{self.bnb_4bit_quant_type}'")
@@ -177,7 +177,7 @@ class TrainingConfig:
     save_total_limit: int = _field(2, "Checkpoints kept on disk (the best one is always kept).")
     eval_steps: int | None = _field(None, "Evaluate every N steps (default: save_steps).")
     early_stopping_patience: int | None = _field(None, "Stop after N evaluations without improvement of the validation loss.")
-    auto_find_batch_size: bool = _field(False, "Halve the batch size on out-of-memory errors until a step fits.")
+    auto_find_batch_size: bool = _field(False, "On an out-of-memory error, retry with a batch 10 % smaller (accelerate's find_executable_batch_size) until a step fits.")
     seed: int = _field(42, "Random seed for data order, dropout and adapter initialisation.")
     report_to: list[str] = _field(["tensorboard"], "Loggers: tensorboard, none, wandb, ...")
 
