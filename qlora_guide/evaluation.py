@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import os
 import threading
@@ -34,7 +35,9 @@ from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.outputs import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qlora_guide.config import QuantizationConfig
+    from qlora_guide.config import QuantizationConfig, Recipe
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 REPORT_JSON = "report.json"
@@ -55,14 +58,41 @@ def load_split(data: str = "qlora-faq", split: str = "test", languages: list[str
     dataset = splits[split]
     if languages:
         dataset = filter_languages(dataset, languages, f"{data} [{split}]")
-    rows = list(dataset)
+    return _first(list(dataset), max_samples, f"the '{split}' split of {data}")
+
+
+def _first(rows: list[dict[str, Any]], max_samples: int | None, where: str) -> list[dict[str, Any]]:
+    """The first ``max_samples`` rows (all with None); an empty result is an error that names ``where``."""
     if max_samples is not None:
         if max_samples <= 0:
             raise QLoRAGuideError(f"max_samples must be positive, not {max_samples}")
         rows = rows[:max_samples]
     if not rows:
-        raise QLoRAGuideError(f"data: the '{split}' split of {data} is empty")
+        raise QLoRAGuideError(f"data: {where} is empty")
     return rows
+
+
+def run_split(recipe: Recipe, split: str | None = None, max_samples: int | None = None) -> tuple[list[dict[str, Any]], str]:
+    """The examples a run is evaluated on, from its own data, and the name of their split.
+
+    ``split`` (default ``evaluation.split``, ``test``) when the run's data has
+    it. Without it, a run whose data had no such split is evaluated on its
+    held-out validation split: the same examples training set aside (the
+    split is cut with a fixed seed), never trained on. That is logged, and
+    the split's name says so.
+    """
+    from qlora_guide.data import load_examples
+
+    splits = load_examples(recipe.data)  # languages filtered, validation made as in training
+    wanted = split or recipe.evaluation.split
+    if wanted not in splits and split is None and "validation" in splits:
+        log.warning("%s has no '%s' split: evaluating on the run's held-out validation split (%d examples, never trained on)",
+                    recipe.data.path, wanted, len(splits["validation"]))
+        wanted = "validation"
+    if wanted not in splits:
+        hint = "; without --split, a run is evaluated on its held-out validation split" if "validation" not in splits else ""
+        raise QLoRAGuideError(f"data: {recipe.data.path} has no '{wanted}' split (the run has: {', '.join(sorted(splits))}){hint}")
+    return _first(list(splits[wanted]), max_samples, f"the '{wanted}' split of {recipe.data.path}"), wanted
 
 
 def tokenize_for_loss(examples: list[dict[str, Any]], tokenizer: Any, max_length: int = 512) -> list[dict[str, list[int]]]:
@@ -709,14 +739,16 @@ def evaluate_run(
                 recipe = load_recipe(candidate)
                 break
     defaults = recipe.evaluation if recipe else EvaluationConfig()
-    data = data or (recipe.data.path if recipe else "qlora-faq")
-    split = split or defaults.split
     max_samples = max_samples if max_samples is not None else defaults.max_samples
     batch_size = batch_size or defaults.batch_size
     max_new_tokens = max_new_tokens or defaults.max_new_tokens
     max_length = recipe.data.max_length if recipe else 512
-    languages = recipe.data.languages if recipe else None
-    examples = load_split(data, split, languages=languages, max_samples=max_samples)
+    if recipe is not None and data is None:
+        examples, split = run_split(recipe, split, max_samples)
+        data = recipe.data.path
+    else:
+        data, split = data or "qlora-faq", split or defaults.split
+        examples = load_split(data, split, languages=recipe.data.languages if recipe else None, max_samples=max_samples)
     meta = {"model": str(run), "kind": kind, "data": data, "split": split, "samples": len(examples), "max_new_tokens": max_new_tokens}
 
     if compare:

@@ -230,3 +230,23 @@ def test_an_existing_report_is_refused_before_any_model_loads(tmp_path, monkeypa
     with pytest.raises(QLoRAGuideError, match="is a file, not a folder"):
         evaluation.evaluate_run("smollm2-135m", out_dir=tmp_path / "file")
     assert (tmp_path / "report.json").read_text() == "{}"
+
+
+def test_a_run_trained_on_one_file_is_evaluated_on_its_held_out_split(tmp_path, tiny_jsonl, caplog, model_cache):
+    from test_deployment import make_adapter_run
+
+    from qlora_guide.config import DataConfig, Recipe
+    from qlora_guide.data import load_examples
+
+    run = make_adapter_run(tmp_path / "run")
+    recipe = Recipe(name="one-file", data=DataConfig(path=str(tiny_jsonl), validation_size=0.25))
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    rows, split = evaluation.run_split(recipe)
+    assert split == "validation" and rows == list(load_examples(recipe.data)["validation"])  # what training held out
+    with caplog.at_level("WARNING"):
+        report = evaluation.evaluate_run(run, max_samples=2, generation=False, performance=False)
+    assert report["meta"]["split"] == "validation" and report["meta"]["samples"] == 2
+    assert "has no 'test' split: evaluating on the run's held-out validation split (8 examples, never trained on)" in caplog.text
+    assert report["rows"][0]["perplexity"] > 1
+    with pytest.raises(QLoRAGuideError, match=r"has no 'test' split \(the run has: train, validation\)"):
+        evaluation.evaluate_run(run, split="test", generation=False, performance=False)
