@@ -3,7 +3,7 @@
 On a CPU, bfloat16 is fast only when the processor computes it in hardware
 (AVX512-BF16 or AMX); elsewhere every bf16 product is emulated and float32 is
 several times faster. Training and inference therefore compute in float32 on
-such CPUs (see :func:`qlora_guide.training.resolve_precision`), and so do
+such CPUs (see :func:`resolve`), and so do
 bitsandbytes' 4-bit layers, which otherwise switch to a bf16-only CPU kernel
 for inference.
 
@@ -20,6 +20,7 @@ Both paths must work on every machine, so the choice can be forced:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from qlora_guide.errors import QLoRAGuideError
@@ -77,3 +78,68 @@ def follow_cpu_bf16_setting(model: Any) -> int:
     with native bf16 would not test what a machine without it runs.
     """
     return 0 if cpu_has_native_bf16() else use_differentiable_4bit_kernel(model)
+
+
+# ---------------------------------------------------------------- what a run computes in
+
+
+@dataclass
+class Precision:
+    """Where and in which dtypes a run computes, decided once from its settings and the machine."""
+
+    device: str  # cuda or cpu
+    bf16: bool  # bf16 autocast
+    fp16: bool  # fp16 autocast with loss scaling
+    compute_dtype: str  # dtype the 4-bit weights are dequantized to
+    model_dtype: str  # dtype of the weights that are not quantized
+    optim: str
+    notes: list[str] = field(default_factory=list)
+
+
+def cuda_has_native_bf16() -> bool:
+    """True when every visible GPU computes bf16 in hardware (compute capability 8.0 and later).
+
+    ``torch.cuda.is_bf16_supported()`` alone also says yes on a T4 or a V100,
+    where bf16 is emulated and slow; the guide's rule is native support.
+    """
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve(bf16: bool | str = "auto", compute_dtype: str = "bfloat16", model_dtype: str = "bfloat16", optim: str = "auto",
+            device: str | None = None, native_bf16: bool | None = None) -> Precision:
+    """The precision a training run with these settings takes on this machine (``auto`` resolved here).
+
+    The one answer to "what does training compute in here": ``qlora-guide
+    train`` runs with it and ``qlora-guide check`` reports it. ``device``
+    (``cuda`` or ``cpu``) and ``native_bf16`` describe another machine; by
+    default they are this one's.
+    """
+    import torch
+
+    notes, fp16 = [], False
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        native = cuda_has_native_bf16() if native_bf16 is None else native_bf16
+        if bf16 is True and not native:
+            raise QLoRAGuideError("training.bf16: this GPU has no native bfloat16 (compute capability < 8.0); "
+                                  "set training.bf16=false, or auto to train in float16")
+        use_bf16 = native if bf16 == "auto" else bool(bf16)
+        if not native and "bfloat16" in (compute_dtype, model_dtype):
+            compute_dtype, model_dtype = (d.replace("bfloat16", "float16") for d in (compute_dtype, model_dtype))
+            fp16 = bf16 == "auto"
+            notes.append("this GPU has no native bfloat16: computing in float16 (smaller range: the NaN guard stops the run if the loss overflows)")
+    else:
+        native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+        use_bf16 = native if bf16 == "auto" else bool(bf16)
+        if bf16 is True and not native:
+            notes.append("training.bf16=true on a CPU without native bf16: it is emulated and slow")
+        if not use_bf16 and (compute_dtype != "float32" or model_dtype != "float32"):
+            compute_dtype = model_dtype = "float32"
+            notes.append("CPU without native bf16: computing in float32")
+    optim = optim if optim != "auto" else ("paged_adamw_32bit" if device == "cuda" else "adamw_torch")
+    if device == "cpu" and "paged" in optim:
+        raise QLoRAGuideError(f"training.optim: '{optim}' pages optimizer states between GPU and CPU memory, which "
+                              "needs a CUDA GPU; on the CPU use adamw_torch (auto) or adamw_bnb_8bit")
+    return Precision(device, use_bf16, fp16, compute_dtype, model_dtype, optim, notes)

@@ -26,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from qlora_guide.precision import CPU_BF16_ENV, resolve
+
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
 TRAIN_BATCH, TRAIN_SEQ = 1, 512  # the recommendation's training run: batch 1 x 512 tokens, checkpointing on
 
@@ -68,7 +70,8 @@ class Recommendations:
     compute_dtype_note: str
     paged_optimizers: bool
     paged_note: str
-    optimizer: str
+    optimizer: str  # the optimizer the plans assume, in the planner's names
+    training_optim: str  # what `qlora-guide train` uses with optim: auto (TrainingArguments' name)
     notes: list[str] = field(default_factory=list)
 
 
@@ -267,7 +270,7 @@ def disk_free() -> dict[str, int]:
 # --------------------------------------------------------------------------- recommendations
 
 
-def recommend(gpus: list[GPUInfo], ram_available: int, paged_ok: bool, cpu_bf16_note: str) -> Recommendations:
+def recommend(gpus: list[GPUInfo], ram_available: int, paged_ok: bool) -> Recommendations:
     """Plan every bundled model for QLoRA on this machine's largest GPU, or on the CPU's available RAM."""
     from qlora_guide.memory import bundled_configs, estimate, load_model_shape
 
@@ -291,23 +294,25 @@ def recommend(gpus: list[GPUInfo], ram_available: int, paged_ok: bool, cpu_bf16_
 
     notes = [f"plans: QLoRA (NF4 + double quantization, r=64 on 7 modules), batch {TRAIN_BATCH} x {TRAIN_SEQ} "
              f"tokens, gradient checkpointing, {optimizer}; see `qlora-guide estimate MODEL` for others"]
+    # what `qlora-guide train` does here with a recipe's defaults (bf16: auto, optim: auto): the same function decides
+    plan = resolve(device=plan_device, native_bf16=all(g.bf16 for g in gpus) if gpus else None)
+    dtype = plan.compute_dtype
     if gpus:
-        if all(g.bf16 for g in gpus):
-            dtype, dtype_note = "bfloat16", "supported natively (compute capability >= 8.0)"
-        else:
-            dtype = "float16"
-            dtype_note = ("warning: this GPU has no native bf16 (compute capability < 8.0); fp16 needs loss "
-                          "scaling and can overflow, so watch for NaN losses")
+        dtype_note = ("supported natively (compute capability >= 8.0)" if plan.bf16 else
+                      "warning: this GPU has no native bf16 (compute capability < 8.0); training uses float16, which "
+                      "needs loss scaling and can overflow, so watch for NaN losses")
         paged_note = ("available: optimizer states page to CPU RAM when the GPU runs short" if paged_ok
                       else "not available: bitsandbytes could not run them here")
         if len(gpus) > 1:
             notes.append(f"{len(gpus)} GPUs: plans are for one process on one GPU (no model sharding)")
     else:
-        dtype = "bfloat16"
-        dtype_note = f"what the training code uses on the CPU (bf16: auto); {cpu_bf16_note}"
-        paged_note = "not available: paged optimizers need CUDA (on the CPU bitsandbytes falls back to ordinary ones)"
+        dtype_note = ("what training computes in here (bf16: auto): this CPU computes bf16 natively (AVX512-BF16 or AMX)"
+                      if plan.bf16 else "what training computes in here (bf16: auto): this CPU has no native bf16 "
+                      f"(or {CPU_BF16_ENV}=0), and emulated bf16 is several times slower than float32")
+        paged_note = "not available: paged optimizers need CUDA (training refuses them on the CPU)"
+    train_optim = plan.optim if not (gpus and not paged_ok and "paged" in plan.optim) else "adamw_torch"
     return Recommendations(device, budget, source, largest_inference, largest_training, rows, dtype, dtype_note,
-                           bool(gpus) and paged_ok, paged_note, optimizer, notes)
+                           bool(gpus) and paged_ok, paged_note, optimizer, train_optim, notes)
 
 
 def check_system() -> SystemReport:
@@ -324,8 +329,6 @@ def check_system() -> SystemReport:
     except AttributeError:  # not on Linux
         usable = os.cpu_count()
     paged_ok = bool(gpus) and checks.get("paged AdamW") == "ok"
-    bf16_note = ("this CPU has AVX512-BF16" if capability and "BF16" in capability
-                 else "this CPU has no AVX512-BF16: bf16 is emulated, slower")
     return SystemReport(
         os=platform.platform(),
         python=platform.python_version(),
@@ -343,7 +346,7 @@ def check_system() -> SystemReport:
         ram_total=int(memory.total),
         ram_available=int(memory.available),
         disk_free=disk_free(),
-        recommendations=recommend(gpus, int(memory.available), paged_ok, bf16_note),
+        recommendations=recommend(gpus, int(memory.available), paged_ok),
     )
 
 
@@ -383,7 +386,7 @@ def format_report(report: SystemReport) -> str:
         ("largest for training", rec.largest_training or "none of the bundled models"),
         ("compute dtype", f"{rec.compute_dtype}: {rec.compute_dtype_note}"),
         ("paged optimizers", rec.paged_note),
-        ("optimizer", rec.optimizer),
+        ("optimizer", f"{rec.training_optim} (what training uses with optim: auto)"),
     ])
     table = [("model", "params", "inference", "training")]
     for r in rec.fits:

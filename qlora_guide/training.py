@@ -50,7 +50,7 @@ from qlora_guide.config import LoraConfig, Recipe, copy_recipe, load_recipe  # n
 from qlora_guide.data import PreparedData, TokenStats, prepare_data
 from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.outputs import sha256_file, write_json_atomic, write_text_atomic
-from qlora_guide.precision import cpu_has_native_bf16, use_differentiable_4bit_kernel
+from qlora_guide.precision import Precision, resolve, use_differentiable_4bit_kernel
 
 log = logging.getLogger(__name__)
 
@@ -123,47 +123,10 @@ def format_train_result(result: TrainResult) -> str:
 # ---------------------------------------------------------------- precision and devices
 
 
-@dataclass
-class Precision:
-    """Where and in which dtypes the run computes, decided once from the recipe and the machine."""
-
-    device: str  # cuda or cpu
-    bf16: bool  # bf16 autocast
-    fp16: bool  # fp16 autocast with loss scaling
-    compute_dtype: str  # dtype the 4-bit weights are dequantized to
-    model_dtype: str  # dtype of the weights that are not quantized
-    optim: str
-    notes: list[str] = field(default_factory=list)
-
-
 def resolve_precision(recipe: Recipe) -> Precision:
-    """Pick autocast, compute dtype and optimizer for this machine (``auto`` settings resolved here)."""
-    import torch
-
-    want, t = recipe.training.bf16, recipe.training
+    """Autocast, compute dtype and optimizer of this recipe on this machine (:func:`qlora_guide.precision.resolve`)."""
     compute = recipe.quantization.bnb_4bit_compute_dtype if recipe.quantization else recipe.model.dtype
-    model_dtype, notes, fp16 = recipe.model.dtype, [], False
-    if torch.cuda.is_available():
-        device, supported = "cuda", torch.cuda.is_bf16_supported()
-        if want is True and not supported:
-            raise QLoRAGuideError("training.bf16: this GPU does not support bfloat16; set training.bf16=false (or auto: fp16 is used)")
-        bf16 = supported if want == "auto" else bool(want)
-        if not supported and "bfloat16" in (compute, model_dtype):
-            compute, model_dtype = (d.replace("bfloat16", "float16") for d in (compute, model_dtype))
-            fp16 = want == "auto"
-            notes.append("this GPU has no bfloat16: computing in float16 (smaller range: the NaN guard stops the run if the loss overflows)")
-    else:
-        device, native = "cpu", cpu_has_native_bf16()
-        bf16 = native if want == "auto" else bool(want)
-        if want is True and not native:
-            notes.append("training.bf16=true on a CPU without native bf16: it is emulated and slow")
-        if not bf16 and (compute != "float32" or model_dtype != "float32"):
-            compute = model_dtype = "float32"
-            notes.append("CPU without native bf16: computing in float32")
-    optim = t.optim if t.optim != "auto" else ("paged_adamw_32bit" if device == "cuda" else "adamw_torch")
-    if device == "cpu" and ("paged" in optim or "8bit" in optim):
-        raise QLoRAGuideError(f"training.optim: '{optim}' needs a CUDA GPU (bitsandbytes has no CPU kernel for it); use adamw_torch or auto")
-    return Precision(device, bf16, fp16, compute, model_dtype, optim, notes)
+    return resolve(recipe.training.bf16, compute, recipe.model.dtype, recipe.training.optim)
 
 
 def world_size() -> int:

@@ -49,9 +49,31 @@ def test_cpu_only_machine(report):
     assert report.bnb_checks["paged AdamW"].startswith("falls back")  # bitsandbytes has no paged memory on the CPU
     rec = report.recommendations
     assert rec.device.startswith("cpu") and rec.budget_source == "available RAM"
-    assert rec.compute_dtype == "bfloat16" and not rec.paged_optimizers
+    assert not rec.paged_optimizers
     text = system.format_report(report)
     assert "none: everything runs on the CPU" in text and "slow" in text
+
+
+@pytest.mark.parametrize("setting", ["auto", "0"])
+def test_check_says_what_training_does_on_this_machine(monkeypatch, setting):
+    import torch
+
+    from qlora_guide.config import Recipe, load_recipe
+    from qlora_guide.errors import QLoRAGuideError
+    from qlora_guide.training import resolve_precision
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setenv("QLORA_GUIDE_CPU_BF16", setting)
+    rec = system.recommend([], ram_available=64 * GiB, paged_ok=False)
+    trained = resolve_precision(Recipe())  # a recipe's defaults: bf16 auto, bf16 compute, optim auto
+    assert (rec.compute_dtype, rec.training_optim) == (trained.compute_dtype, trained.optim)
+    if setting == "0":
+        assert rec.compute_dtype == "float32" and "no native bf16" in rec.compute_dtype_note
+    # the 8-bit AdamW that the check finds working is one that training accepts here; paged ones it refuses
+    assert resolve_precision(load_recipe({"training": {"optim": "adamw_bnb_8bit"}})).optim == "adamw_bnb_8bit"
+    with pytest.raises(QLoRAGuideError, match="training.optim: 'paged_adamw_32bit' pages optimizer states .* needs a CUDA GPU"):
+        resolve_precision(load_recipe({"training": {"optim": "paged_adamw_32bit"}}))
 
 
 def test_recommendations_follow_the_planner(report):
@@ -80,20 +102,20 @@ def _gpu(memory_gib: float, capability: str = "8.0") -> system.GPUInfo:
 
 
 def test_a_48_gb_gpu_can_train_the_65b_model_as_in_the_paper():
-    rec = system.recommend([_gpu(48)], ram_available=64 * GiB, paged_ok=True, cpu_bf16_note="")
+    rec = system.recommend([_gpu(48)], ram_available=64 * GiB, paged_ok=True)
     assert rec.largest_training == "llama-65b"
     assert rec.optimizer == "paged_adamw_32bit" and rec.paged_optimizers
 
 
 def test_an_older_16_gb_gpu_gets_fp16_with_a_warning():
-    rec = system.recommend([_gpu(16, "7.5")], ram_available=64 * GiB, paged_ok=True, cpu_bf16_note="")
+    rec = system.recommend([_gpu(16, "7.5")], ram_available=64 * GiB, paged_ok=True)
     assert rec.compute_dtype == "float16" and rec.compute_dtype_note.startswith("warning")
     assert rec.largest_training in ("llama-2-13b", "llama-3-8b")
     assert not any(r.fits_training for r in rec.fits if r.parameters > 20e9)
 
 
 def test_without_working_paged_optimizers_the_plan_uses_adamw():
-    rec = system.recommend([_gpu(24)], ram_available=64 * GiB, paged_ok=False, cpu_bf16_note="")
+    rec = system.recommend([_gpu(24)], ram_available=64 * GiB, paged_ok=False)
     assert rec.optimizer == "adamw" and not rec.paged_optimizers
 
 
