@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from qlora_guide import __version__
+from qlora_guide import __version__, progress
 from qlora_guide.errors import QLoRAGuideError
 
 MODEL_HELP = "'smollm2-135m' (the embedded model), a local folder, or a hub id such as mistralai/Mistral-7B-v0.1"
@@ -280,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qlora-guide`` script: one-line errors, exit status 2."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "json", False):
+        progress.set_quiet()  # JSON on stdout is for scripts: no bars on stderr either
     try:
         args.handler(args)
     except QLoRAGuideError as err:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from qlora_guide import progress
 from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.outputs import check_output_folder, replace_folder, staging_folder
 from qlora_guide.precision import cpu_compute_dtype, use_differentiable_4bit_kernel
@@ -386,6 +387,7 @@ def saved_dtype(folder: str | os.PathLike) -> str:
     return dtype if dtype in MERGE_DTYPES else "bfloat16"
 
 
+@progress.library_bars()
 def load_any(
     model_ref: Any,
     quantization: QuantizationConfig | None | str = AUTO,
@@ -695,6 +697,7 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+@progress.library_bars()
 def merge_adapter(
     adapter_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -743,6 +746,8 @@ def merge_adapter(
     quantization = training_quantization(folder)
     tokenizer = _load_tokenizer_for(folder if (folder / "tokenizer_config.json").is_file() else folder.parent, base_name)
     inputs = _parity_inputs(tokenizer, parity_prompts) if check_parity else []
+    stage = progress.Stages("merge", 4 + 2 * check_parity)
+    stage("loading the base")
     quantized = None
     if quantization is not None:
         quantized, plain = _load_dequantized(base_name, quantization)
@@ -751,6 +756,7 @@ def merge_adapter(
         plain = load_model(base_name, dtype="float32")
         merged_into = "base weights"
     unmerged = load_adapter_model(folder, base_model=plain)
+    stage("merging in float32")
     rounding = update_rounding(unmerged)
     targets = _exact_targets(unmerged)
     floor = None
@@ -761,6 +767,7 @@ def merge_adapter(
     apply_run_generation_settings(merged, folder)
     merged.to(torch_dtype(dtype))
     merged.eval()
+    stage("checking every merged weight")
     weights = _check_merged_weights(merged, targets, dtype)
     del targets
 
@@ -768,6 +775,7 @@ def merge_adapter(
     naive: dict[str, Any] = {}
     naive_wanted = quantized is not None
     if check_parity:
+        stage("parity with the adapter model")
         if quantized is None:
             adapter_model = load_adapter_model(folder, quantization=None, dtype="float32")
         else:
@@ -782,6 +790,7 @@ def merge_adapter(
             )
         del adapter_model, quantized
         gc.collect()  # the naive merge loads another whole model: free the 4-bit one first
+        stage("the naive merge, for comparison")
         if compare_naive and naive_wanted:
             original = load_model(base_name, dtype="float32")
             naive_model = load_adapter_model(folder, base_model=original).merge_and_unload()
@@ -790,6 +799,7 @@ def merge_adapter(
     del unmerged
     gc.collect()
 
+    stage("saving")
     staging = staging_folder(out_dir, "merged")
     try:
         merged.config._name_or_path = str(out_dir)
@@ -834,6 +844,7 @@ def merge_adapter(
         replace_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        stage.close()
     result.size_bytes = _folder_bytes(out_dir)
     result.seconds = round(time.perf_counter() - start, 2)
     return result

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qlora_guide import progress
 from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.outputs import write_text_atomic
 
@@ -204,7 +205,7 @@ def answer_nll_per_example(
     was_training = model.training
     model.eval()
     results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    for start in range(0, len(order), batch_size):
+    for start in progress.bar(range(0, len(order), batch_size), desc="perplexity", unit="batch"):
         chunk = order[start : start + batch_size]
         for i, value in zip(chunk, _batch_nll(model, [rows[i] for i in chunk], pad), strict=True):
             results[i] = value
@@ -265,7 +266,7 @@ def generate_answers(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for start in range(0, len(order), batch_size):
+        for start in progress.bar(range(0, len(order), batch_size), desc="generating", unit="batch"):
             chunk = order[start : start + batch_size]
             batch = tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
@@ -610,7 +611,8 @@ def compare_models(
     if isinstance(data, list) and max_samples is not None:
         examples = examples[:max_samples]
     rows: list[dict[str, Any]] = []
-    for name, loader in _variant_loaders(base, str(adapter_dir) if adapter_dir else None, str(merged_dir) if merged_dir else None, quantization, merged_4bit):
+    variants = _variant_loaders(base, str(adapter_dir) if adapter_dir else None, str(merged_dir) if merged_dir else None, quantization, merged_4bit)
+    for name, loader in progress.bar(variants, desc="models", unit="model"):
         gc.collect()
         with MemoryWatch() as memory:
             start = time.perf_counter()
@@ -703,6 +705,7 @@ def _markdown_report(rows: list[dict[str, Any]], meta: dict[str, Any] | None) ->
     return "\n".join(lines)
 
 
+@progress.library_bars()
 def evaluate_run(
     run: str | os.PathLike,
     data: str | None = None,

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qlora_guide import progress
 from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.outputs import sha256_file
 from qlora_guide.precision import follow_cpu_bf16_setting
@@ -84,6 +85,7 @@ def embedded_model_path(rebuild: bool = False) -> Path:
     return target
 
 
+@progress.library_bars()
 def convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint into a plain bf16 safetensors folder.
 
@@ -192,6 +194,7 @@ def default_device_map() -> str:
     return "cpu"
 
 
+@progress.library_bars()
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     quantization: QuantizationConfig | None = None,

@@ -82,6 +82,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from qlora_guide import progress
 from qlora_guide.errors import QLoRAGuideError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -975,6 +976,7 @@ def check_causal_lm(name_or_path: str) -> None:
         raise QLoRAGuideError(f"'{name_or_path}' is not a causal language model ({kind}): quantize needs a model that generates text")
 
 
+@progress.library_bars()
 def quantize_model(
     name_or_path: str,
     out_dir: str | os.PathLike,

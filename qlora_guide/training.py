@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlora_guide import progress
 from qlora_guide.config import LoraConfig, Recipe, copy_recipe, load_recipe  # noqa: F401  (copy_recipe: for the CLI)
 from qlora_guide.data import PreparedData, TokenStats, prepare_data
 from qlora_guide.errors import QLoRAGuideError
@@ -626,7 +627,7 @@ def training_arguments(recipe: Recipe, precision: Precision, output_dir: Path, h
         ddp_find_unused_parameters=False,  # every adapter is used at every step
         dataloader_num_workers=0,
         use_cpu=precision.device == "cpu",
-        disable_tqdm=False,
+        disable_tqdm=not progress.enabled(),  # the Trainer's bar on a terminal only (qlora_guide.progress)
     )
 
 
@@ -683,6 +684,7 @@ def save_adapter(trainer: Any, tokenizer: Any, output_dir: Path, files: dict[str
 # ---------------------------------------------------------------- train
 
 
+@progress.library_bars()
 def train(
     recipe: Recipe | str | Path | dict,
     overrides: list[str] | None = None,
