@@ -280,10 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qlora-guide`` script: one-line errors, exit status 2."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if getattr(args, "json", False):
-        progress.set_quiet()  # JSON on stdout is for scripts: no bars on stderr either
     try:
-        args.handler(args)
+        with progress.quiet(getattr(args, "json", False)):  # JSON on stdout is for scripts: no bars on stderr either
+            args.handler(args)
     except QLoRAGuideError as err:
         print(f"qlora-guide {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code

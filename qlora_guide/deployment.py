@@ -26,6 +26,7 @@ the server and the evaluation share.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -410,12 +411,17 @@ def load_any(
         return model_ref
     start = time.perf_counter()
     kind = model_kind(model_ref)
+    on_cpu = (device_map or default_device_map()) == "cpu"
     if dtype == AUTO:
         dtype = saved_dtype(model_ref) if kind == "model" else "bfloat16"
-        if (device_map or default_device_map()) == "cpu":
+        if on_cpu:
             dtype = cpu_compute_dtype(dtype)  # bf16 is only emulated on many CPUs, and then far slower than float32
     if kind == "adapter":
         folder = find_adapter_dir(model_ref)
+        if quantization == AUTO and on_cpu and training_quantization(folder) is not None:
+            # the 4-bit layers compute as the run trained here: float32 where the CPU only emulates bf16
+            trained = training_quantization(folder)
+            quantization = dataclasses.replace(trained, bnb_4bit_compute_dtype=cpu_compute_dtype(trained.bnb_4bit_compute_dtype))
         model = load_adapter_model(folder, quantization=quantization, dtype=dtype, device_map=device_map)
         base = adapter_base(folder)
         tokenizer = _load_tokenizer_for(folder if (folder / "tokenizer_config.json").is_file() else folder.parent, base)

@@ -21,10 +21,15 @@ PROGRESS_ENV = "QLORA_GUIDE_PROGRESS"
 _quiet = False
 
 
-def set_quiet(quiet: bool = True) -> None:
-    """No bars for the rest of this process (what ``--json`` asks)."""
+@contextlib.contextmanager
+def quiet(on: bool = True) -> Iterator[None]:
+    """No bars while the block runs (what ``--json`` asks), whatever the terminal."""
     global _quiet
-    _quiet = quiet
+    before, _quiet = _quiet, _quiet or on
+    try:
+        yield
+    finally:
+        _quiet = before
 
 
 def enabled() -> bool:
@@ -48,15 +53,17 @@ def bar(iterable: Iterable[Any] | None = None, total: int | None = None, desc: s
 @contextlib.contextmanager
 def library_bars() -> Iterator[None]:
     """Let transformers' and datasets' own bars follow :func:`enabled` while the block runs, then restore them."""
-    import datasets
     from transformers.utils import logging as hf_logging
 
     if enabled():
         yield
         return
-    transformers_on, datasets_on = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
+    datasets = sys.modules.get("datasets")  # only if already imported: importing it costs memory and time
+    transformers_on = hf_logging.is_progress_bar_enabled()
+    datasets_on = datasets is not None and datasets.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    if datasets_on:
+        datasets.disable_progress_bars()
     try:
         yield
     finally:

@@ -25,10 +25,10 @@ def test_bars_follow_the_terminal_and_the_setting(monkeypatch, capsys):
     stages("saving")
     stages.close()
     assert "merge" in capsys.readouterr().err
-    monkeypatch.setattr(progress, "_quiet", True)  # what --json sets
-    assert not progress.enabled()
-    list(progress.bar(range(3), desc="silent"))
-    assert capsys.readouterr().err == ""
+    with progress.quiet():  # what --json asks
+        assert not progress.enabled()
+        list(progress.bar(range(3), desc="silent"))
+    assert capsys.readouterr().err == "" and progress.enabled()
 
 
 def _evaluate(extra: list[str], terminal: bool) -> str:
