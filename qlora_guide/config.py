@@ -353,6 +353,8 @@ def copy_recipe(name: str, dest: str | Path, overwrite: bool = False) -> list[Pa
     if name not in recipes:
         raise QLoRAGuideError(f"no bundled recipe '{name}' (bundled: {', '.join(recipes)})")
     dest = Path(dest).expanduser()
+    if dest.suffix not in (".yaml", ".yml") and dest.exists() and not dest.is_dir():
+        raise QLoRAGuideError(f"{dest} is a file, not a folder: give a folder or a .yaml file name")
     target = dest if dest.suffix in (".yaml", ".yml") else dest / recipes[name].name
     copies = [(recipes[name], target)]
     copies += [(RECIPES_DIR / extra, target.parent / extra.replace("/", "_")) for extra in RECIPE_COMPANIONS.get(name, [])]

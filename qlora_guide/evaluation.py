@@ -731,6 +731,9 @@ def evaluate_run(
     from qlora_guide import deployment
     from qlora_guide.config import EvaluationConfig, load_recipe
 
+    for option, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if value is not None and value <= 0:
+            raise QLoRAGuideError(f"{option} must be a positive integer, not {value}")
     if out_dir is not None:
         check_report_folder(out_dir, overwrite)  # before minutes of evaluation, not after
     kind = deployment.model_kind(run)

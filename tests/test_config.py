@@ -117,6 +117,10 @@ def test_copy_recipe_never_overwrites_unasked(tmp_path):
     assert renamed == [tmp_path / "sub" / "mine.yaml"]
     with pytest.raises(QLoRAGuideError, match="no bundled recipe 'demos'"):
         copy_recipe("demos", tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(QLoRAGuideError, match="notes.txt is a file, not a folder: give a folder or a .yaml file name"):
+        copy_recipe("demo", tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_copy_fsdp_recipe_brings_its_launcher_config(tmp_path):

@@ -230,6 +230,9 @@ def test_an_existing_report_is_refused_before_any_model_loads(tmp_path, monkeypa
     with pytest.raises(QLoRAGuideError, match="is a file, not a folder"):
         evaluation.evaluate_run("smollm2-135m", out_dir=tmp_path / "file")
     assert (tmp_path / "report.json").read_text() == "{}"
+    for option in ("batch_size", "max_new_tokens"):  # 0 used to mean "the default" silently
+        with pytest.raises(QLoRAGuideError, match=f"^{option} must be a positive integer, not 0$"):
+            evaluation.evaluate_run("smollm2-135m", **{option: 0})
 
 
 def test_a_run_trained_on_one_file_is_evaluated_on_its_held_out_split(tmp_path, tiny_jsonl, caplog, model_cache):
