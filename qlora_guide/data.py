@@ -565,9 +565,10 @@ class PreparedData:
     data_format: str
 
 
-def prepare_data(data: DataConfig, tokenizer: Any, batch_size: int = 1) -> PreparedData:
-    """Load and tokenize the training and validation splits of ``data`` for ``tokenizer``."""
-    splits = load_examples(data)
+def prepare_data(data: DataConfig, tokenizer: Any, batch_size: int = 1, splits: DatasetDict | None = None) -> PreparedData:
+    """Load (unless ``splits`` are given, from :func:`load_examples`) and tokenize the training and validation
+    splits of ``data`` for ``tokenizer``."""
+    splits = splits if splits is not None else load_examples(data)
     fmt = detect_format(splits["train"].column_names, data.format, data.path)
     train, train_stats = tokenize(splits["train"], tokenizer, data, batch_size, where="train")
     validation, validation_stats = None, None

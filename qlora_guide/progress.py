@@ -12,6 +12,7 @@ maps, the Trainer's) follow the same rule.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -61,9 +62,13 @@ def library_bars() -> Iterator[None]:
     datasets = sys.modules.get("datasets")  # only if already imported: importing it costs memory and time
     transformers_on = hf_logging.is_progress_bar_enabled()
     datasets_on = datasets is not None and datasets.is_progress_bar_enabled()
+    gguf = _gguf_loader()  # transformers' GGUF reader draws its bar with tqdm directly, past the switch above
+    gguf_bar = gguf.tqdm if gguf is not None else None
     hf_logging.disable_progress_bar()
     if datasets_on:
         datasets.disable_progress_bars()
+    if gguf is not None:
+        gguf.tqdm = functools.partial(gguf_bar, disable=True)
     try:
         yield
     finally:
@@ -71,6 +76,17 @@ def library_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
         if datasets_on:
             datasets.enable_progress_bars()
+        if gguf is not None:
+            gguf.tqdm = gguf_bar
+
+
+def _gguf_loader() -> Any:
+    """transformers' GGUF module, or None where it cannot be imported (no ``gguf`` package)."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as module
+    except ImportError:
+        return None
+    return module if hasattr(module, "tqdm") else None
 
 
 class Stages:

@@ -48,7 +48,7 @@ from typing import Any
 
 from qlora_guide import progress
 from qlora_guide.config import LoraConfig, Recipe, copy_recipe, load_recipe  # noqa: F401  (copy_recipe: for the CLI)
-from qlora_guide.data import PreparedData, TokenStats, prepare_data
+from qlora_guide.data import PreparedData, TokenStats, load_examples, prepare_data
 from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.outputs import sha256_file, write_json_atomic, write_text_atomic
 from qlora_guide.precision import Precision, resolve, use_differentiable_4bit_kernel
@@ -719,8 +719,9 @@ def train(
     precision = resolve_precision(recipe)
     for note in precision.notes:
         log.warning(note)
+    examples = load_examples(recipe.data)  # a missing or malformed data file is found before any model loads
     tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
-    data = prepare_data(recipe.data, tokenizer, recipe.training.per_device_train_batch_size)
+    data = prepare_data(recipe.data, tokenizer, recipe.training.per_device_train_batch_size, splits=examples)
     model = build_model(recipe, precision)
     trainable, total = trainable_parameters(model)
     log.info("trainable params: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
