@@ -418,10 +418,11 @@ def load_any(
             dtype = cpu_compute_dtype(dtype)  # bf16 is only emulated on many CPUs, and then far slower than float32
     if kind == "adapter":
         folder = find_adapter_dir(model_ref)
-        if quantization == AUTO and on_cpu and training_quantization(folder) is not None:
+        if quantization == AUTO and on_cpu:
             # the 4-bit layers compute as the run trained here: float32 where the CPU only emulates bf16
-            trained = training_quantization(folder)
-            quantization = dataclasses.replace(trained, bnb_4bit_compute_dtype=cpu_compute_dtype(trained.bnb_4bit_compute_dtype))
+            quantization = training_quantization(folder)
+            if quantization is not None:
+                quantization = dataclasses.replace(quantization, bnb_4bit_compute_dtype=cpu_compute_dtype(quantization.bnb_4bit_compute_dtype))
         model = load_adapter_model(folder, quantization=quantization, dtype=dtype, device_map=device_map)
         base = adapter_base(folder)
         tokenizer = _load_tokenizer_for(folder if (folder / "tokenizer_config.json").is_file() else folder.parent, base)

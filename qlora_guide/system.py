@@ -295,7 +295,8 @@ def recommend(gpus: list[GPUInfo], ram_available: int, paged_ok: bool) -> Recomm
     notes = [f"plans: QLoRA (NF4 + double quantization, r=64 on 7 modules), batch {TRAIN_BATCH} x {TRAIN_SEQ} "
              f"tokens, gradient checkpointing, {optimizer}; see `qlora-guide estimate MODEL` for others"]
     # what `qlora-guide train` does here with a recipe's defaults (bf16: auto, optim: auto): the same function decides
-    plan = resolve(device=plan_device, native_bf16=all(g.bf16 for g in gpus) if gpus else None)
+    plan = resolve(optim="auto" if paged_ok or not gpus else "adamw_torch", device=plan_device,
+                   native_bf16=all(g.bf16 for g in gpus) if gpus else None)
     dtype = plan.compute_dtype
     if gpus:
         dtype_note = ("supported natively (compute capability >= 8.0)" if plan.bf16 else
@@ -310,9 +311,8 @@ def recommend(gpus: list[GPUInfo], ram_available: int, paged_ok: bool) -> Recomm
                       if plan.bf16 else "what training computes in here (bf16: auto): this CPU has no native bf16 "
                       f"(or {CPU_BF16_ENV}=0), and emulated bf16 is several times slower than float32")
         paged_note = "not available: paged optimizers need CUDA (training refuses them on the CPU)"
-    train_optim = plan.optim if not (gpus and not paged_ok and "paged" in plan.optim) else "adamw_torch"
     return Recommendations(device, budget, source, largest_inference, largest_training, rows, dtype, dtype_note,
-                           bool(gpus) and paged_ok, paged_note, optimizer, train_optim, notes)
+                           bool(gpus) and paged_ok, paged_note, optimizer, plan.optim, notes)
 
 
 def check_system() -> SystemReport:

@@ -78,6 +78,7 @@ CASES = [
     (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens must be a positive number of tokens, not 0"),
     (["generate", "hi", "--temperature", "-1"], "temperature must be 0 (greedy) or positive, not -1.0"),
     (["generate", "hi", "--top-p", "1.5"], "top_p must be in (0, 1], not 1.5"),
+    (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1], not 0.0"),
     (["serve", "--port", "70000"], "port 70000 is not a TCP port"),
     (["serve", "--context-length", "-5"], "context_length must be a positive number of tokens, not -5"),
     (["serve", "--max-tokens-limit", "0"], "must be positive"),
