@@ -83,9 +83,9 @@ def docs_check(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
-    """ruff, on the package, the tests, the benchmarks and the docs tools."""
+    """ruff, on the package, the tests, the benchmarks, the docs tools and the Sphinx extensions."""
     session.install("ruff")
-    session.run("ruff", "check", "qlora_guide", "tests", "benchmarks", "docs/tools", "docs/conf.py", "noxfile.py")
+    session.run("ruff", "check", "qlora_guide", "tests", "benchmarks", "docs/tools", "docs/_ext", "docs/conf.py", "noxfile.py")
 
 
 @nox.session(python="3.11")

@@ -36,7 +36,7 @@ def measure(name: str, overrides: list[str], work: Path) -> dict:
     examples = evaluation.load_split("qlora-faq", "test")
     settings = {"max_new_tokens": recipe.evaluation.max_new_tokens, "batch_size": 48,
                 "repetition_penalty": recipe.evaluation.repetition_penalty}
-    tuned = deployment.load_any(merged.out_dir)
+    tuned = deployment.load_any(merged.output_dir)
     rows = [
         {"variant": "bf16 base", **evaluation.evaluate_model(load_model(dtype=cpu_compute_dtype("bfloat16")), tuned.tokenizer, examples, **settings)},
         {"variant": "fine-tuned", **evaluation.evaluate_model(tuned.model, tuned.tokenizer, examples, **settings)},

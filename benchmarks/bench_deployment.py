@@ -16,7 +16,7 @@ The median of ``--repeats`` rounds is reported: generated tokens per second
 token), time to first token, and the weights' memory.
 
 Part 2 serves one of them (``--server-model``, default the merged model) with
-:func:`qlora_guide.serving.make_server` on a free loopback port, and sends
+:func:`qlora_guide.deployment.serving.make_server` on a free loopback port, and sends
 ``--requests`` chat requests (greedy, ``--server-tokens`` tokens at most)
 from 1, 4 and 16 concurrent clients: completion tokens per second over the
 wall time, requests per second, and latency percentiles. The server generates
@@ -105,7 +105,7 @@ def bench_server(model_ref: Path, clients_list: list[int], requests_per_run: int
     """Part 2: chat requests from 1, 4, 16... concurrent clients against one server."""
     import requests
 
-    from qlora_guide.serving import make_server
+    from qlora_guide.deployment.serving import make_server
 
     with make_server(model_ref, max_tokens_limit=max_tokens, max_queue=max(clients_list) * 2) as server:
         server.start()
@@ -198,7 +198,7 @@ def main() -> None:
         work = Path(tmp)
         adapter = Path(args.adapter) if args.adapter else random_adapter(work / "run")
         start = time.perf_counter()
-        merged = Path(merge_adapter(adapter, work / "merged", check_parity=False).out_dir)
+        merged = Path(merge_adapter(adapter, work / "merged", check_parity=False).output_dir)
         print(f"merged in {time.perf_counter() - start:.1f} s")
 
         variants = bench_variants(adapter, merged, args.tokens, args.repeats)

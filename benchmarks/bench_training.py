@@ -33,7 +33,6 @@ vocabulary is the tokenizer's) and reports tokens/s and peak GPU memory:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -87,7 +86,7 @@ def answer_loss(adapter: Path | None, data_dir: Path, batch_size: int = 4) -> tu
     rows, _ = tokenize(load_examples(data)["validation"], tokenizer, data)
     collator = Collator(tokenizer.pad_token_id)
     batches = [collator([rows[j] for j in range(i, min(i + batch_size, len(rows)))]) for i in range(0, len(rows), batch_size)]
-    quantization = dataclasses.replace(recipe.quantization, bnb_4bit_compute_dtype=precision.compute_dtype)
+    quantization = recipe.quantization.model_copy(update={"bnb_4bit_compute_dtype": precision.compute_dtype})
     model = load_model("smollm2-135m", quantization=quantization, dtype=precision.model_dtype)
     use_differentiable_4bit_kernel(model)  # same kernels as in training
     if adapter is not None:

@@ -1,39 +1,265 @@
 """``qlora-guide``: a thin command line over the package's functions.
 
-Each sub-command parses its flags and calls one plain function of a pipeline
-module; the docs pages call the same functions. Modules are imported inside
-the handlers so that ``qlora-guide --help`` answers without loading torch.
+Each command is one plain function of a pipeline module, listed in
+:data:`COMMANDS`; the docs pages call the same functions. Its flags are read
+from the function's signature: a parameter ``max_new_tokens: int = 256``
+becomes ``--max-new-tokens`` (an integer, 256 by default), a ``bool`` becomes
+a switch, a ``Literal`` a choice, a parameter without a default a positional
+argument. Their help comes from :data:`HELP`, one sentence per parameter name
+for every command. So a new parameter is a new flag, with the same name in
+Python and on the command line.
 
-=============  ==========================================  =========================
-command        what it does                                function
-=============  ==========================================  =========================
-check          what this machine can run                   system.check_system
-estimate       peak memory of a fine-tune                  memory.estimate
-quantize       save a 4-bit (or 8-bit) model               quantization.quantize_model
-recipes        list or copy the bundled recipes            training.copy_recipe
-train          QLoRA fine-tuning from a recipe             training.train
-evaluate       perplexity, BLEU, chrF, speed               evaluation.evaluate_run
-merge          merge an adapter into a plain model         deployment.merge_adapter
-generate       one answer, streamed                        deployment.generate
-chat           interactive chat                            deployment.chat
-serve          OpenAI-compatible HTTP server               serving.serve
-info           what a run or adapter folder holds          deployment.info
-=============  ==========================================  =========================
+Modules are imported only for the command being run, so that
+``qlora-guide --help`` answers without loading torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from qlora_guide import __version__, progress
 from qlora_guide.errors import QLoRAGuideError
 
 MODEL_HELP = "'smollm2-135m' (the embedded model), a local folder, or a hub id such as mistralai/Mistral-7B-v0.1"
+EMBEDDED = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One verb: the function it runs and how its result is printed."""
+
+    function: str  # "module:name" of the function the command calls
+    summary: str
+    table: str | None = None  # "module:name" that formats the result as text; None: the function prints
+    positional: tuple[str, ...] | None = None  # default: the parameters without a default
+    flags: dict[str, str] = field(default_factory=dict)  # parameter -> flag, where the flag reads better
+    defaults: dict[str, Any] = field(default_factory=dict)  # command-line defaults of required parameters
+    hidden: tuple[str, ...] = ()  # parameters for Python callers only
+    stdin: tuple[str, ...] = ()  # positional arguments where "-" reads standard input
+
+
+COMMANDS: dict[str, Command] = {
+    "check": Command("qlora_guide.system:check_system",
+                     "report GPU, CUDA, bitsandbytes, RAM and disk, and what fits on this machine",
+                     table="qlora_guide.system:format_report"),
+    "estimate": Command("qlora_guide.memory:estimate", "estimate the peak memory of a fine-tune from the model's config",
+                        table="qlora_guide.memory:format_estimate", positional=("model",)),
+    "quantize": Command("qlora_guide.quantization:quantize_model",
+                        "save a bitsandbytes-quantized model that transformers reloads",
+                        table="qlora_guide.quantization:format_quantize_result", positional=("name_or_path",)),
+    "recipes": Command("qlora_guide.recipes:recipes", "list the bundled recipes, show one, or copy one out to edit",
+                       table="qlora_guide.recipes:format_recipes"),
+    "train": Command("qlora_guide.training:train", "fine-tune with QLoRA (or LoRA) from a YAML recipe",
+                     table="qlora_guide.training:format_train_result", flags={"overrides": "set"}),
+    "evaluate": Command("qlora_guide.evaluation:evaluate_run",
+                        "perplexity, BLEU, chrF and speed of a run, an adapter or a model",
+                        table="qlora_guide.evaluation:format_report"),
+    "merge": Command("qlora_guide.deployment:merge_adapter",
+                     "dequantize the base, merge the adapter in float32, save a plain model (in float32 by default: "
+                     "bfloat16 halves the size, but its rounding can lose much of a small update; the merge "
+                     "says how much)",
+                     table="qlora_guide.deployment:format_merge_result", positional=("adapter_dir",),
+                     hidden=("parity_prompts",)),
+    "generate": Command("qlora_guide.deployment:generate", "generate one answer, streamed", positional=("prompt",),
+                        flags={"model_ref": "model"}, defaults={"model_ref": EMBEDDED},
+                        hidden=("stream", "quantization", "out"), stdin=("prompt",)),
+    "chat": Command("qlora_guide.deployment:chat", "chat interactively (/reset, /exit)", positional=(),
+                    flags={"model_ref": "model"}, defaults={"model_ref": EMBEDDED},
+                    hidden=("quantization", "input", "output")),
+    "serve": Command("qlora_guide.deployment.serving:serve", "serve a model over an OpenAI-compatible HTTP API",
+                     positional=("model_ref",), flags={"model_ref": "model"}, defaults={"model_ref": EMBEDDED},
+                     hidden=("quantization", "verbose")),
+    "info": Command("qlora_guide.deployment:info", "show what a run, adapter or merged folder holds",
+                    table="qlora_guide.deployment:format_info"),
+}
+
+# One sentence per parameter name, whatever the command: the same name means the same thing everywhere.
+HELP = {
+    "model": MODEL_HELP + " (for estimate: also a bundled config name such as mistral-7b or llama-2-70b)",
+    "name_or_path": MODEL_HELP,
+    "model_ref": "an adapter folder, a merged folder, or " + MODEL_HELP,
+    "output_dir": "output folder (it must not exist, or be empty, unless --overwrite)",
+    "overwrite": "replace an earlier output of this command",
+    "rebuild_model": "convert the embedded model into the cache again",
+    "method": "what is trained: every weight, LoRA adapters on a 16-bit base, or adapters on a 4-bit base",
+    "batch_size": "sequences per forward pass (per device)",
+    "seq_len": "sequence length in tokens",
+    "r": "LoRA rank",
+    "target_modules": "a module that gets an adapter (repeatable; default: the guide's seven projections)",
+    "gradient_checkpointing": "recompute activations in the backward pass instead of storing them",
+    "double_quant": "quantize the absmax constants too",
+    "blocksize": "weights per absmax constant",
+    "optimizer": "the optimizer whose states are counted",
+    "dtype": "dtype of the weights",
+    "lora_dropout": "dropout on the adapters' input",
+    "device": "cuda counts the CUDA context; cpu does not",
+    "adapter_dtype": "dtype of the LoRA weights and their gradients",
+    "quant_type": "4-bit data type, or int8 for LLM.int8()",
+    "compute_dtype": "dtype the 4-bit weights are dequantized to for each product",
+    "show": "print the bundled recipe NAME",
+    "copy": "copy the bundled recipe NAME to DEST",
+    "recipe": "a bundled recipe name (see `qlora-guide recipes`) or a YAML file",
+    "overrides": "override a recipe value, e.g. training.learning_rate=1e-4 (repeatable)",
+    "resume": "continue from the latest complete checkpoint",
+    "run": "a run or adapter folder, a merged folder, or " + MODEL_HELP,
+    "data": "data to evaluate on (default: the run's recipe data, else the bundled dataset)",
+    "split": "split to evaluate (default: the recipe's evaluation split, else test)",
+    "max_samples": "evaluate on the first N examples only",
+    "compare": "also evaluate the bf16 base, the 4-bit base and the merged model",
+    "generation": "generate answers for BLEU and chrF (--no-generation: perplexity only)",
+    "performance": "measure load time and tokens/s",
+    "adapter_dir": "a run or adapter folder",
+    "check_parity": "compare the merged model with the 4-bit model and its adapter",
+    "compare_naive": "also measure what a merge into the 4-bit weights would lose",
+    "parity_tokens": "greedy tokens generated per prompt by the parity check",
+    "prompt": "the user message ('-' reads standard input)",
+    "max_new_tokens": "longest answer in tokens",
+    "temperature": "0 means greedy decoding",
+    "top_p": "nucleus sampling threshold (with --temperature > 0)",
+    "system_prompt": "a system prompt",
+    "host": "address to bind (127.0.0.1: this machine only)",
+    "port": "TCP port",
+    "max_tokens_limit": "largest max_tokens a request may ask for",
+    "model_name": "the model id clients send (default: the folder or model name)",
+    "api_key": "require this bearer token (default: $QLORA_GUIDE_API_KEY)",
+    "max_body_bytes": "largest request body in bytes",
+    "context_length": "longest prompt + answer in tokens (default: the model's)",
+    "path": "a run, adapter or merged folder",
+}
+METAVARS = {"copy": ("NAME", "DEST")}  # the words of flags that take several
+
+
+def resolve(target: str) -> Callable[..., Any]:
+    """The function named by ``"module:name"``, imported now."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _alternatives(annotation: Any) -> list[Any]:
+    """The members of a union annotation (``None`` left out), or the annotation alone."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(annotation) if a is not type(None)]
+    return [annotation]
+
+
+def value_kind(annotation: Any) -> tuple[str | None, dict[str, Any]]:
+    """How a command line gives a value of this type: a kind and its extra ``add_argument`` settings.
+
+    The kinds are ``bool`` (a switch), ``list`` (a repeatable flag),
+    ``tuple`` (several words at once), ``int``, ``float`` and ``str``; None
+    when no string on a command line can stand for the value.
+    """
+    parts = _alternatives(annotation)
+    origins = [typing.get_origin(a) or a for a in parts]
+    literal = [a for a in parts if typing.get_origin(a) is typing.Literal]
+    if literal:
+        choices = tuple(c for a in literal for c in typing.get_args(a))
+        return type(choices[0]).__name__, {"choices": choices}
+    for kind in (bool, list, int, float):
+        if kind in origins:
+            return kind.__name__, {}
+    if tuple in origins:
+        items = typing.get_args(parts[origins.index(tuple)])
+        return "tuple", {"nargs": len(items) if items and Ellipsis not in items else "+"}
+    if any(a is Any or a is str or (isinstance(a, type) and issubclass(a, os.PathLike)) for a in origins):
+        return "str", {}
+    return None, {}
+
+
+def argument(param: inspect.Parameter, annotation: Any, command: Command,
+             positional: bool) -> tuple[str, dict[str, Any]] | None:
+    """The name and settings of ``add_argument`` for one parameter; None when a command line cannot give it."""
+    kind, kwargs = value_kind(annotation)
+    if kind is None:
+        return None
+    default = command.defaults.get(param.name, param.default)
+    required = default is inspect.Parameter.empty
+    name = command.flags.get(param.name, param.name)
+    text = HELP.get(param.name, "")
+    if not (required or default is None or isinstance(default, bool) or default == ()):
+        text += f" (default: {default})"
+    kwargs["help"] = text.strip()
+    if kind == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction if default is True else "store_true"
+    elif kind == "list":
+        kwargs["action"] = "append"
+    elif kind in ("int", "float"):
+        kwargs["type"] = int if kind == "int" else float
+    if kind == "tuple" and param.name in METAVARS:
+        kwargs["metavar"] = METAVARS[param.name]
+    if not required:
+        kwargs["default"] = None if kind == "list" else default
+    if positional:
+        kwargs["metavar"] = name.upper()
+        if not required:
+            kwargs["nargs"] = "?"
+        return param.name, kwargs
+    kwargs["dest"] = param.name
+    kwargs["required"] = required
+    if kind not in ("bool", "tuple") and "choices" not in kwargs:
+        kwargs["metavar"] = name.upper()
+    return "--" + name.replace("_", "-"), kwargs
+
+
+def type_hints(function: Callable[..., Any]) -> dict[str, Any]:
+    """The function's annotations, evaluated; one that names a type its module does not import stays unknown."""
+    try:
+        return typing.get_type_hints(function)
+    except NameError:
+        hints = {}
+        for name, text in function.__annotations__.items():
+            try:
+                hints[name] = typing.get_type_hints(types.SimpleNamespace(__annotations__={name: text}),
+                                                    globalns=function.__globals__)[name]
+            except NameError:
+                hints[name] = None
+        return hints
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: Command) -> None:
+    """Give ``parser`` one argument per parameter of the command's function."""
+    function = resolve(command.function)
+    hints = type_hints(function)
+    params = [p for p in inspect.signature(function).parameters.values() if p.name not in command.hidden]
+    positional = command.positional
+    if positional is None:
+        positional = tuple(p.name for p in params if p.default is inspect.Parameter.empty)
+    for param in params:
+        spec = argument(param, hints.get(param.name, str), command, param.name in positional)
+        if spec is None:
+            if param.default is inspect.Parameter.empty:
+                raise TypeError(f"{command.function}: required parameter {param.name!r} has no command-line form")
+            continue
+        parser.add_argument(spec[0], **spec[1])
+    if command.table:
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(_function=function)
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser: every verb listed, and the flags of ``verb`` (only its module is imported)."""
+    parser = argparse.ArgumentParser(
+        prog="qlora-guide",
+        description="Quantize, fine-tune with QLoRA, evaluate and deploy language models.",
+        epilog="Each command has its own --help. Docs: https://qlora-guide.readthedocs.io",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.summary, description=command.summary)
+        if name == verb:
+            add_arguments(p, command)
+    return parser
 
 
 def print_json(data: Any) -> None:
@@ -48,247 +274,36 @@ def emit(result: Any, as_json: bool, table: Callable[[Any], str]) -> None:
         print(table(result))
 
 
-# ------------------------------------------------------------------ handlers
-
-
-def cmd_check(args: argparse.Namespace) -> None:
-    from qlora_guide import system
-
-    if args.rebuild_model:
-        from qlora_guide.models import embedded_model_path
-
-        print(f"embedded model converted again into {embedded_model_path(rebuild=True)}", file=sys.stderr)
-    emit(system.check_system(), args.json, system.format_report)
-
-
-def cmd_estimate(args: argparse.Namespace) -> None:
-    from qlora_guide import memory
-
-    estimate = memory.estimate(
-        args.model,
-        method=args.method,
-        batch_size=args.batch,
-        seq_len=args.seq,
-        r=args.rank,
-        gradient_checkpointing=not args.no_gradient_checkpointing,
-        double_quant=not args.no_double_quant,
-        optimizer=args.optimizer,
-    )
-    emit(estimate, args.json, memory.format_estimate)
-
-
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from qlora_guide import quantization
-
-    result = quantization.quantize_model(
-        args.model,
-        args.out,
-        quant_type=args.type,
-        double_quant=args.double_quant,
-        compute_dtype=args.compute_dtype,
-        overwrite=args.overwrite,
-    )
-    emit(result, args.json, quantization.format_quantize_result)
-
-
-def cmd_recipes(args: argparse.Namespace) -> None:
-    from qlora_guide import config
-
-    if args.show:
-        print(config.recipe_path(args.show).read_text(encoding="utf-8"), end="")
-        return
-    if args.copy:
-        from qlora_guide.training import copy_recipe
-
-        name, dest = args.copy
-        print(f"copied recipe '{name}' to {copy_recipe(name, dest, overwrite=args.overwrite)}")
-        return
-    rows = []
-    for name, path in config.bundled_recipes().items():
-        recipe = config.load_recipe(path)
-        rows.append({"name": name, "model": recipe.model.name_or_path, "description": recipe.description, "path": str(path)})
-    if args.json:
-        print_json(rows)
-        return
-    width = max(len(r["name"]) for r in rows)
-    for r in rows:
-        print(f"{r['name']:<{width}}  {r['description']}")
-    print("\nShow one: qlora-guide recipes --show NAME    Copy one to edit: qlora-guide recipes --copy NAME DEST.yaml")
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from qlora_guide import training
-
-    result = training.train(args.recipe, overrides=args.set, output_dir=args.output, resume=args.resume, overwrite=args.overwrite)
-    emit(result, args.json, training.format_train_result)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from qlora_guide import evaluation
-
-    report = evaluation.evaluate_run(
-        args.run,
-        data=args.data,
-        split=args.split,
-        max_samples=args.max_samples,
-        compare=args.compare,
-        out_dir=args.out,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        generation=not args.no_generation,
-        performance=not args.no_speed,
-        overwrite=args.overwrite,
-    )
-    emit(report, args.json, evaluation.format_report)
-
-
-def cmd_merge(args: argparse.Namespace) -> None:
-    from qlora_guide import deployment
-
-    result = deployment.merge_adapter(args.adapter, args.out, overwrite=args.overwrite, dtype=args.dtype, check_parity=not args.no_parity)
-    emit(result, args.json, deployment.format_merge_result)
-
-
-def cmd_generate(args: argparse.Namespace) -> None:
-    from qlora_guide import deployment
-
-    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    deployment.generate(args.model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, system_prompt=args.system, stream=True)
-
-
-def cmd_chat(args: argparse.Namespace) -> None:
-    from qlora_guide import deployment
-
-    deployment.chat(args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    system_prompt=args.system)
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    from qlora_guide import serving
-
-    serving.serve(args.model, host=args.host, port=args.port, max_tokens_limit=args.max_tokens_limit,
-                  model_name=args.model_name, api_key=args.api_key or os.environ.get("QLORA_GUIDE_API_KEY"),
-                  context_length=args.context_length)
-
-
-def cmd_info(args: argparse.Namespace) -> None:
-    from qlora_guide import deployment
-
-    emit(deployment.info(args.dir), args.json, deployment.format_info)
-
-
-# ------------------------------------------------------------------ parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qlora-guide",
-        description="Quantize, fine-tune with QLoRA, evaluate and deploy language models.",
-        epilog="Each command has its own --help. Docs: https://qlora-guide.readthedocs.io",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def command(name: str, handler: Callable, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(handler=handler)
-        if json_flag:
-            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        return p
-
-    p = command("check", cmd_check, "report GPU, CUDA, bitsandbytes, RAM and disk, and what fits on this machine")
-    p.add_argument("--rebuild-model", action="store_true", help="convert the embedded model into the cache again")
-
-    p = command("estimate", cmd_estimate, "estimate the peak memory of a fine-tune from the model's config")
-    p.add_argument("model", nargs="?", default="smollm2-135m", help=MODEL_HELP + ", or a bundled config name (mistral-7b, llama-2-70b, ...)")
-    p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
-    p.add_argument("--batch", type=int, default=1, help="per-device batch size (default 1)")
-    p.add_argument("--seq", type=int, default=512, help="sequence length in tokens (default 512)")
-    p.add_argument("--rank", type=int, default=64, help="LoRA rank r (default 64)")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
-    p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--no-double-quant", action="store_true")
-
-    p = command("quantize", cmd_quantize, "save a bitsandbytes-quantized model that transformers reloads")
-    p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--out", required=True, help="output folder (must not exist, unless --overwrite)")
-    p.add_argument("--type", choices=["nf4", "fp4", "int8"], default="nf4")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True, help="quantize the absmax constants too")
-    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--overwrite", action="store_true")
-
-    p = command("recipes", cmd_recipes, "list the bundled recipes, or copy one out to edit")
-    p.add_argument("--show", metavar="NAME", help="print a bundled recipe")
-    p.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"), help="copy a bundled recipe to DEST")
-    p.add_argument("--overwrite", action="store_true")
-
-    p = command("train", cmd_train, "fine-tune with QLoRA (or LoRA) from a YAML recipe")
-    p.add_argument("recipe", help="a bundled recipe name (see `qlora-guide recipes`) or a YAML file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. training.learning_rate=1e-4 (repeatable)")
-    p.add_argument("--output", help="output folder (default: the recipe's output.dir)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an output folder that already holds a run")
-
-    p = command("evaluate", cmd_evaluate, "perplexity, BLEU, chrF and speed of a run, an adapter or a model")
-    p.add_argument("run", help="a run or adapter folder, a merged folder, or " + MODEL_HELP)
-    p.add_argument("--data", help="data to evaluate on (default: the run's recipe data, else the bundled dataset)")
-    p.add_argument("--split", help="split to evaluate (default: the recipe's evaluation split, else test)")
-    p.add_argument("--max-samples", type=int, help="evaluate on the first N examples only")
-    p.add_argument("--batch-size", type=int, help="sequences per forward pass for perplexity")
-    p.add_argument("--max-new-tokens", type=int, help="longest generated answer for BLEU and chrF")
-    p.add_argument("--no-generation", action="store_true", help="perplexity only (no BLEU/chrF)")
-    p.add_argument("--no-speed", action="store_true", help="skip the load-time and tokens/s measurements")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
-    p.add_argument("--compare", action="store_true", help="also evaluate the bf16 base, the 4-bit base and the merged model")
-    p.add_argument("--out", help="write report.json and report.md into this folder")
-
-    p = command("merge", cmd_merge, "dequantize the base, merge the adapter in float32, save a plain model")
-    p.add_argument("adapter", help="a run or adapter folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the saved weights (default float32: bfloat16 halves the size but its rounding can "
-                   "lose much of a small LoRA update; the merge prints how much)")
-    p.add_argument("--no-parity", action="store_true", help="skip the merged-vs-adapter parity check")
-
-    for name, handler, text in (("generate", cmd_generate, "generate one answer, streamed"), ("chat", cmd_chat, "chat interactively (/reset, /exit)")):
-        p = command(name, handler, text, json_flag=False)
-        if name == "generate":
-            p.add_argument("prompt", help="the user message ('-' reads standard input)")
-        p.add_argument("--model", default="smollm2-135m", help="an adapter folder, a merged folder, or " + MODEL_HELP)
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
-        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
-        p.add_argument("--system", help="a system prompt")
-
-    p = command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API", json_flag=False)
-    p.add_argument("model", nargs="?", default="smollm2-135m", help="an adapter folder, a merged folder, or " + MODEL_HELP)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
-    p.add_argument("--model-name", help="the model id clients send (default: the folder or model name)")
-    p.add_argument("--api-key", help="require this bearer token (or set QLORA_GUIDE_API_KEY)")
-    p.add_argument("--context-length", type=int, help="longest prompt + answer in tokens (default: the model's)")
-
-    p = command("info", cmd_info, "show what a run or adapter folder holds")
-    p.add_argument("dir")
-    return parser
+def run(args: argparse.Namespace) -> None:
+    """Call the command's function with the parsed arguments and print what it returns."""
+    command = COMMANDS[args.command]
+    kwargs = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "json")}
+    for name in command.stdin:
+        if kwargs.get(name) == "-":
+            kwargs[name] = sys.stdin.read()
+    result = args._function(**kwargs)
+    if command.table:
+        emit(result, args.json, resolve(command.table))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qlora-guide`` script: one-line errors, exit status 2."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(verb if verb in COMMANDS else None).parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         with progress.quiet(getattr(args, "json", False)):  # JSON on stdout is for scripts: no bars on stderr either
-            args.handler(args)
+            run(args)
     except QLoRAGuideError as err:
         print(f"qlora-guide {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"qlora-guide {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): stop writing, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

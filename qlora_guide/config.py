@@ -1,4 +1,4 @@
-"""Typed configuration: one dataclass per pipeline stage, loaded from a YAML recipe.
+"""Typed configuration: one pydantic model per pipeline stage, loaded from a YAML recipe.
 
 A recipe file has one section per stage::
 
@@ -15,75 +15,129 @@ names are the libraries' own (``r``, ``lora_alpha``, ``bnb_4bit_quant_type``,
 ``per_device_train_batch_size``...), so what you read here is what you read in
 the peft, bitsandbytes and transformers documentation.
 
-Defaults are the guide's settings. Every field has a help text
-(``dataclasses.fields(LoraConfig)[0].metadata["help"]``); wrong values raise a
-:class:`~qlora_guide.errors.QLoRAGuideError` that names the field.
+Defaults are the guide's settings. Each section is a pydantic model that
+refuses unknown keys (``extra="forbid"``); types, bounds (``Field(gt=0)``) and
+choices (``Literal``) say what a value may be, and every field has a help text
+(``LoraConfig.model_fields["r"].description``, or :func:`field_help`). A wrong
+value raises one :class:`~qlora_guide.errors.QLoRAGuideError` line that names
+the key: ``training.learning_rate: expected a number, got 'abc'``.
+
+YAML is read with YAML 1.2's booleans and exponents: ``2e-4`` is a number
+(PyYAML alone reads a string), and ``yes``, ``no``, ``on`` and ``off`` stay
+words unless the field is a boolean (``data.languages: [no]`` keeps Norwegian,
+``packing: off`` is false).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
+import functools
 import importlib.util
-import math
+import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.outputs import write_text_atomic
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-GUIDE_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = ("float32", "bfloat16", "float16")
+# The guide's adapters: every projection of a Llama-style block (attention and MLP), the output head apart.
+GUIDE_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = typing.get_args(Dtype)
+# transformers' SchedulerType values, spelled out so that a recipe is checked without importing torch;
+# tests/test_config.py fails if transformers adds or drops one.
+Schedule = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                   "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                   "warmup_stable_decay", "greedy"]
+SCHEDULER_TYPES: tuple[str, ...] = typing.get_args(Schedule)
 
 
-def _field(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a help text (mutable defaults are copied per instance)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # a bool is an int to Python, not a number to a recipe
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
 
 
-def _require(condition: bool, name: str, message: str) -> None:
-    if not condition:
-        raise QLoRAGuideError(f"{name}: {message}")
+# A finite number; a numeric string ("2e-4", as YAML 1.1 reads it) is accepted, true and false are not.
+Float = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
+# An integer, and only an integer: not 2.5, not "8", not true.
+Int = StrictInt
 
 
-@dataclass
-class ModelConfig:
+def _fail(message: str, key: str | None = None) -> PydanticCustomError:
+    """A validator's error: ``message`` follows the key path (``key`` extends it, for a mapping's entry)."""
+    return PydanticCustomError("recipe", "{message}", {"message": message, "key": key})
+
+
+class Section(BaseModel):
+    """A recipe section: unknown keys refused, wrong values reported as one line naming the key."""
+
+    model_config = ConfigDict(extra="forbid")
+    recipe_section: ClassVar[str] = ""  # the key of this section in a recipe, the prefix of its error messages
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise QLoRAGuideError(recipe_error(err, type(self))) from None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        """Build and check the section from a mapping (as read from YAML)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise QLoRAGuideError(recipe_error(err, cls)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class ModelConfig(Section):
     """The base model to fine-tune."""
 
-    name_or_path: str = _field("smollm2-135m", "A hub id (mistralai/Mistral-7B-v0.1), a local folder, or 'smollm2-135m' for the embedded model.")
-    dtype: str = _field("bfloat16", "dtype of the weights that are not quantized (float32, bfloat16, float16).")
-    attn_implementation: str = _field("sdpa", "Attention kernel: sdpa, eager or flash_attention_2.")
-    trust_remote_code: bool = _field(False, "Run modelling code shipped with a hub model. Off by default: it executes code from the hub.")
+    recipe_section: ClassVar[str] = "model"
 
-    def __post_init__(self) -> None:
-        _require(bool(self.name_or_path), "model.name_or_path", "must not be empty")
-        _require(self.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}, not '{self.dtype}'")
-        allowed = ("sdpa", "eager", "flash_attention_2")
-        _require(self.attn_implementation in allowed, "model.attn_implementation", f"must be one of {', '.join(allowed)}")
+    name_or_path: str = Field("smollm2-135m", min_length=1, description=(
+        "A hub id (mistralai/Mistral-7B-v0.1), a local folder, or 'smollm2-135m' for the embedded model."))
+    dtype: Dtype = Field("bfloat16", description="dtype of the weights that are not quantized (float32, bfloat16, float16).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel: sdpa, eager or flash_attention_2.")
+    trust_remote_code: bool = Field(False, description=(
+        "Run modelling code shipped with a hub model. Off by default: it executes code from the hub."))
 
 
-@dataclass
-class QuantizationConfig:
+class QuantizationConfig(Section):
     """How bitsandbytes stores the frozen base model (the 'Q' of QLoRA)."""
 
-    load_in_4bit: bool = _field(True, "Store the base weights in 4 bits (False: 8-bit LLM.int8()).")
-    bnb_4bit_quant_type: str = _field("nf4", "4-bit data type: nf4 (NormalFloat, for normally distributed weights) or fp4.")
-    bnb_4bit_use_double_quant: bool = _field(True, "Quantize the absmax constants too: 0.5 -> about 0.127 extra bits per parameter.")
-    bnb_4bit_compute_dtype: str = _field("bfloat16", "dtype the 4-bit weights are dequantized to for each matmul.")
-    bnb_4bit_quant_storage: str = _field("uint8", "dtype the packed 4-bit codes are stored in; FSDP and DeepSpeed ZeRO-3 shard the weights and need it equal to the model dtype (bfloat16).")
+    recipe_section: ClassVar[str] = "quantization"
 
-    def __post_init__(self) -> None:
-        _require(self.bnb_4bit_quant_type in ("nf4", "fp4"), "quantization.bnb_4bit_quant_type", f"must be nf4 or fp4, not '{self.bnb_4bit_quant_type}'")
-        _require(self.bnb_4bit_compute_dtype in DTYPES, "quantization.bnb_4bit_compute_dtype", f"must be one of {', '.join(DTYPES)}")
-        storage = (*DTYPES, "uint8")
-        _require(self.bnb_4bit_quant_storage in storage, "quantization.bnb_4bit_quant_storage", f"must be one of {', '.join(storage)}")
+    load_in_4bit: bool = Field(True, description="Store the base weights in 4 bits (False: 8-bit LLM.int8()).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type: nf4 (NormalFloat, for normally distributed weights) or fp4.")
+    bnb_4bit_use_double_quant: bool = Field(
+        True, description="Quantize the absmax constants too: 0.5 -> about 0.127 extra bits per parameter.")
+    bnb_4bit_compute_dtype: Dtype = Field("bfloat16", description="dtype the 4-bit weights are dequantized to for each matmul.")
+    bnb_4bit_quant_storage: Literal["float32", "bfloat16", "float16", "uint8"] = Field("uint8", description=(
+        "dtype the packed 4-bit codes are stored in; FSDP and DeepSpeed ZeRO-3 shard the weights and need it "
+        "equal to the model dtype (bfloat16)."))
 
     def to_bnb(self) -> Any:
         """The equivalent ``transformers.BitsAndBytesConfig`` (all fields set: its defaults are fp4 and fp32)."""
@@ -101,25 +155,25 @@ class QuantizationConfig:
         )
 
 
-@dataclass
-class LoraConfig:
+class LoraConfig(Section):
     """The low-rank adapters trained on top of the frozen base (peft's LoraConfig)."""
 
-    r: int = _field(64, "Rank of the update B @ A: its number of trainable directions per layer.")
-    lora_alpha: int = _field(16, "Scale of the update: it is multiplied by lora_alpha / r.")
-    lora_dropout: float = _field(0.05, "Dropout on the adapter input during training.")
-    bias: str = _field("none", "Which biases to train: none, all or lora_only.")
-    target_modules: list[str] | str = _field(GUIDE_TARGET_MODULES, "Module names that get adapters, or 'all-linear' for every linear layer but the output head.")
+    recipe_section: ClassVar[str] = "lora"
 
-    def __post_init__(self) -> None:
-        _require(self.r > 0, "lora.r", f"must be a positive integer, not {self.r}")
-        _require(self.lora_alpha > 0, "lora.lora_alpha", f"must be positive, not {self.lora_alpha}")
-        _require(0 <= self.lora_dropout < 1, "lora.lora_dropout", f"must be in [0, 1), not {self.lora_dropout}")
-        _require(self.bias in ("none", "all", "lora_only"), "lora.bias", f"must be none, all or lora_only, not '{self.bias}'")
-        if isinstance(self.target_modules, str):
-            _require(self.target_modules == "all-linear", "lora.target_modules", "must be a list of module names or 'all-linear'")
-        else:
-            _require(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
+    r: Int = Field(64, gt=0, description="Rank of the update B @ A: its number of trainable directions per layer.")
+    lora_alpha: Int = Field(16, gt=0, description="Scale of the update: it is multiplied by lora_alpha / r.")
+    lora_dropout: Float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input during training.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train: none, all or lora_only.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: list(GUIDE_TARGET_MODULES),
+        description="Module names that get adapters, or 'all-linear' for every linear layer but the output head.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value: list[str] | str) -> list[str] | str:
+        if not value:
+            raise _fail("must name at least one module (or be all-linear)")
+        return value
 
     def to_peft(self) -> Any:
         """The equivalent ``peft.LoraConfig`` for a causal language model."""
@@ -135,171 +189,171 @@ class LoraConfig:
         )
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     """What to train on and how examples become token sequences."""
 
-    path: str = _field("qlora-faq", "A local .jsonl/.json/.csv/.parquet file or folder, a hub dataset id, or 'qlora-faq' for the bundled bilingual dataset.")
-    format: str = _field("auto", "Example format: auto, messages, alpaca, prompt_completion or text.")
-    train_split: str = _field("train", "Split used for training.")
-    validation_split: str | None = _field("validation", "Split used for validation; made from the training split when it does not exist.")
-    validation_size: float = _field(0.1, "Fraction of the training split held out when there is no validation split.")
-    max_length: int = _field(512, "Longest sequence in tokens; longer examples are truncated and counted.")
-    train_on_prompt: bool = _field(False, "Also compute the loss on prompt tokens (off: loss on answers only).")
-    packing: bool = _field(True, "Concatenate examples up to max_length without cross-example attention, to waste no compute on padding.")
-    languages: list[str] | None = _field(None, "Keep only examples whose 'lang' field is in this list (the bundled dataset has en and fr).")
+    recipe_section: ClassVar[str] = "data"
 
-    def __post_init__(self) -> None:
-        formats = ("auto", "messages", "alpaca", "prompt_completion", "text")
-        _require(self.format in formats, "data.format", f"must be one of {', '.join(formats)}, not '{self.format}'")
-        _require(0 < self.validation_size < 1, "data.validation_size", f"must be in (0, 1), not {self.validation_size}")
-        _require(self.max_length >= 16, "data.max_length", f"must be at least 16, not {self.max_length}")
-
-
-@dataclass
-class TrainingConfig:
-    """Optimisation settings, passed to transformers' TrainingArguments under the same names."""
-
-    num_train_epochs: float = _field(3, "Passes over the training set.")
-    max_steps: int = _field(-1, "Stop after this many optimizer steps (-1: use num_train_epochs).")
-    per_device_train_batch_size: int = _field(4, "Sequences per device per forward pass.")
-    gradient_accumulation_steps: int = _field(4, "Forward passes per optimizer step (effective batch = batch x accumulation x devices).")
-    learning_rate: float = _field(2e-4, "Peak learning rate of the adapters.")
-    lr_scheduler_type: str = _field("constant", "Learning-rate schedule after warm-up (the QLoRA paper uses constant).")
-    warmup_ratio: float = _field(0.03, "Fraction of the steps spent warming the learning rate up.")
-    max_grad_norm: float = _field(0.3, "Gradient clipping norm.")
-    weight_decay: float = _field(0.0, "AdamW weight decay on the adapters.")
-    optim: str = _field("auto", "Optimizer: auto (paged_adamw_32bit on CUDA, adamw_torch on the CPU) or any TrainingArguments optim name.")
-    gradient_checkpointing: bool = _field(True, "Recompute activations in the backward pass (non-reentrant) to save memory.")
-    bf16: bool | str = _field("auto", "Mixed precision in bf16: auto (where supported), true or false.")
-    logging_steps: int = _field(10, "Log the loss every N optimizer steps.")
-    save_steps: int = _field(100, "Write a checkpoint every N optimizer steps.")
-    save_total_limit: int = _field(2, "Checkpoints kept on disk (the best one is always kept).")
-    eval_steps: int | None = _field(None, "Evaluate every N steps (default: save_steps).")
-    early_stopping_patience: int | None = _field(None, "Stop after N evaluations without improvement of the validation loss.")
-    auto_find_batch_size: bool = _field(False, "On an out-of-memory error, retry with a batch 10 % smaller (accelerate's find_executable_batch_size) until a step fits.")
-    seed: int = _field(42, "Random seed for data order, dropout and adapter initialisation.")
-    report_to: list[str] = _field(["tensorboard"], "Loggers: tensorboard, none, wandb, ...")
-
-    def __post_init__(self) -> None:
-        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "training.learning_rate",
-                 f"must be a positive finite number, not {self.learning_rate}")
-        _require(self.lr_scheduler_type in scheduler_types(), "training.lr_scheduler_type",
-                 f"unknown schedule '{self.lr_scheduler_type}' (transformers has: {', '.join(scheduler_types())})")
-        for logger in self.report_to:
-            _require(logger in ("none", "all") or importlib.util.find_spec(logger) is not None, "training.report_to",
-                     f"'{logger}' is not installed (pip install {logger}, or report_to: [tensorboard])")
-        _require(self.num_train_epochs > 0, "training.num_train_epochs", "must be positive")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "save_total_limit"):
-            _require(getattr(self, name) > 0, f"training.{name}", f"must be a positive integer, not {getattr(self, name)}")
-        _require(0 <= self.warmup_ratio < 1, "training.warmup_ratio", "must be in [0, 1)")
-        _require(self.max_grad_norm > 0, "training.max_grad_norm", "must be positive")
-        _require(self.bf16 in (True, False, "auto"), "training.bf16", "must be true, false or auto")
+    path: str = Field("qlora-faq", description=(
+        "A local .jsonl/.json/.csv/.parquet file or folder, a hub dataset id, or 'qlora-faq' for the bundled bilingual dataset."))
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Example format: auto, messages, alpaca, prompt_completion or text.")
+    train_split: str = Field("train", description="Split used for training.")
+    validation_split: str | None = Field(
+        "validation", description="Split used for validation; made from the training split when it does not exist.")
+    validation_size: Float = Field(
+        0.1, gt=0, lt=1, description="Fraction of the training split held out when there is no validation split.")
+    max_length: Int = Field(512, ge=16, description="Longest sequence in tokens; longer examples are truncated and counted.")
+    train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (off: loss on answers only).")
+    packing: bool = Field(True, description=(
+        "Concatenate examples up to max_length without cross-example attention, to waste no compute on padding."))
+    languages: list[str] | None = Field(None, description=(
+        "Keep only examples whose 'lang' field is in this list (the bundled dataset has en and fr)."))
 
 
-@dataclass
-class EvaluationConfig:
+# Recipe fields that transformers' TrainingArguments spells differently (its current names; gradient_checkpointing
+# is its deprecated alias of activation_checkpointing, and a warmup_steps below 1 is a ratio of the total steps).
+TRAINING_ARGUMENT_NAMES = {"gradient_checkpointing": "activation_checkpointing", "warmup_ratio": "warmup_steps"}
+# TrainingArguments fields that qlora_guide.training sets itself, and from what: training.trainer_args may not set them.
+PACKAGE_TRAINING_ARGUMENTS = {
+    "output_dir": "output.dir",
+    "fp16": "training.bf16 and the device",
+    "use_cpu": "the device",
+    "save_strategy": "training.save_steps",
+    "eval_strategy": "data.validation_split and training.eval_steps",
+    "load_best_model_at_end": "data.validation_split (the best checkpoint is kept)",
+    "metric_for_best_model": "data.validation_split (the validation loss)",
+    "greater_is_better": "data.validation_split (the validation loss)",
+    "remove_unused_columns": "the collator",
+}
+# Former names of TrainingArguments fields, which transformers no longer accepts.
+TRAINING_ARGUMENT_ALIASES = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu"}
+
+
+@functools.cache
+def training_argument_fields() -> dict[str, str]:
+    """Names of transformers' ``TrainingArguments`` fields and their help texts (imports transformers)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+class TrainingConfig(Section):
+    """Optimisation settings, passed to transformers' TrainingArguments under the same names.
+
+    ``trainer_args`` sets any other TrainingArguments field: ``trainer_args: {adam_beta2: 0.95}``.
+    """
+
+    recipe_section: ClassVar[str] = "training"
+
+    num_train_epochs: Float = Field(3, gt=0, description="Passes over the training set.")
+    max_steps: Int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: use num_train_epochs).")
+    per_device_train_batch_size: Int = Field(4, gt=0, description="Sequences per device per forward pass.")
+    gradient_accumulation_steps: Int = Field(4, gt=0, description=(
+        "Forward passes per optimizer step (effective batch = batch x accumulation x devices)."))
+    learning_rate: Float = Field(2e-4, gt=0, description="Peak learning rate of the adapters.")
+    lr_scheduler_type: Schedule = Field(
+        "constant", description="Learning-rate schedule after warm-up (the QLoRA paper uses constant).")
+    warmup_ratio: Float = Field(0.03, ge=0, lt=1, description=(
+        "Fraction of the steps spent warming the learning rate up (TrainingArguments' warmup_steps below 1)."))
+    max_grad_norm: Float = Field(0.3, gt=0, description="Gradient clipping norm.")
+    weight_decay: Float = Field(0.0, ge=0, description="AdamW weight decay on the adapters.")
+    optim: str = Field("auto", description=(
+        "Optimizer: auto (paged_adamw_32bit on CUDA, adamw_torch on the CPU) or any TrainingArguments optim name."))
+    gradient_checkpointing: bool = Field(True, description=(
+        "Recompute activations in the backward pass (non-reentrant) to save memory (TrainingArguments' "
+        "activation_checkpointing)."))
+    bf16: bool | Literal["auto"] = Field("auto", description="Mixed precision in bf16: auto (where supported), true or false.")
+    logging_steps: Int = Field(10, gt=0, description="Log the loss every N optimizer steps.")
+    save_steps: Int = Field(100, gt=0, description="Write a checkpoint every N optimizer steps.")
+    save_total_limit: Int = Field(2, gt=0, description="Checkpoints kept on disk (the best one is always kept).")
+    eval_steps: Int | None = Field(None, gt=0, description="Evaluate every N steps (default: save_steps).")
+    early_stopping_patience: Int | None = Field(
+        None, gt=0, description="Stop after N evaluations without improvement of the validation loss.")
+    auto_find_batch_size: bool = Field(False, description=(
+        "On an out-of-memory error, retry with a batch 10 % smaller (accelerate's find_executable_batch_size) "
+        "until a step fits."))
+    seed: Int = Field(42, description="Random seed for data order, dropout and adapter initialisation.")
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], validate_default=True,
+                                 description="Loggers: tensorboard, none, wandb, ...")
+    trainer_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "Any other TrainingArguments field, under its own name (adam_beta2: 0.95, lr_scheduler_kwargs: {...}); "
+        "checked against transformers' TrainingArguments."))
+
+    @field_validator("report_to")
+    @classmethod
+    def _loggers_installed(cls, value: list[str]) -> list[str]:
+        for logger in value:
+            if logger not in ("none", "all") and importlib.util.find_spec(logger) is None:
+                raise _fail(f"'{logger}' is not installed (pip install {logger}, or report_to: [tensorboard])")
+        return value
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _known_training_arguments(cls, value: dict[str, Any]) -> dict[str, Any]:
+        own = {**{name: name for name in cls.model_fields}, **{v: k for k, v in TRAINING_ARGUMENT_NAMES.items()}}
+        for name in value:
+            if name in own:
+                raise _fail(f"set training.{own[name]} instead", key=str(name))
+            if name in PACKAGE_TRAINING_ARGUMENTS:
+                raise _fail(f"set by qlora-guide from {PACKAGE_TRAINING_ARGUMENTS[name]}", key=str(name))
+        fields = training_argument_fields() if value else {}
+        for name in value:
+            if name not in fields:
+                close = TRAINING_ARGUMENT_ALIASES.get(str(name)) or suggest_key(str(name), list(fields))
+                hint = f" (did you mean '{close}'?)" if close else ""
+                raise _fail(f"not a field of transformers' TrainingArguments{hint}", key=str(name))
+            alias = re.match(r"Deprecated alias of `(\w+)`", fields[name])
+            if alias:
+                raise _fail(f"a deprecated name in transformers: use {alias.group(1)}", key=str(name))
+        return value
+
+
+class EvaluationConfig(Section):
     """What `qlora-guide evaluate` and the end of training measure."""
 
-    split: str = _field("test", "Split that is evaluated.")
-    batch_size: int = _field(8, "Sequences per forward pass when computing perplexity.")
-    max_new_tokens: int = _field(64, "Longest generated answer for BLEU and chrF.")
-    max_samples: int | None = _field(None, "Evaluate on the first N examples only (None: all).")
-    repetition_penalty: float = _field(
-        1.0,
+    recipe_section: ClassVar[str] = "evaluation"
+
+    split: str = Field("test", description="Split that is evaluated.")
+    batch_size: Int = Field(8, gt=0, description="Sequences per forward pass when computing perplexity.")
+    max_new_tokens: Int = Field(64, gt=0, description="Longest generated answer for BLEU and chrF.")
+    max_samples: Int | None = Field(None, gt=0, description="Evaluate on the first N examples only (None: all).")
+    repetition_penalty: Float = Field(1.0, ge=1.0, le=2.0, description=(
         "transformers' GenerationConfig.repetition_penalty for the trained model: logits of tokens already in the "
         "text are divided by it (1.0: off). Saved into the run's generation settings, so evaluate, generate, chat, "
-        "serve and merged models decode alike.",
-    )
-
-    def __post_init__(self) -> None:
-        _require(self.batch_size > 0, "evaluation.batch_size", "must be a positive integer")
-        _require(self.max_new_tokens > 0, "evaluation.max_new_tokens", "must be a positive integer")
-        _require(1.0 <= self.repetition_penalty <= 2.0, "evaluation.repetition_penalty", "must be between 1.0 (off) and 2.0")
+        "serve and merged models decode alike."))
 
 
-@dataclass
-class OutputConfig:
+class OutputConfig(Section):
     """Where a run writes its adapter, checkpoints, logs and manifest."""
 
-    dir: str = _field("runs/qlora", "Output folder of the run.")
-    overwrite: bool = _field(False, "Replace an output folder that already holds a run.")
+    recipe_section: ClassVar[str] = "output"
+
+    dir: str = Field("runs/qlora", description="Output folder of the run.")
+    overwrite: bool = Field(False, description="Replace an output folder that already holds a run.")
 
 
-@dataclass
-class Recipe:
+class Recipe(Section):
     """A whole run: one typed section per pipeline stage."""
 
-    name: str = _field("custom", "Short name of the recipe.")
-    description: str = _field("", "One line saying what the recipe is for.")
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The base model."})
-    quantization: QuantizationConfig | None = field(default_factory=QuantizationConfig, metadata={"help": "4-bit storage of the base (null: plain LoRA)."})
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "The adapters."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The training data."})
-    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "The optimisation."})
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "The evaluation."})
-    output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Where to write."})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    name: str = Field("custom", description="Short name of the recipe.")
+    description: str = Field("", description="One line saying what the recipe is for.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    quantization: QuantizationConfig | None = Field(
+        default_factory=QuantizationConfig, description="4-bit storage of the base (null: plain LoRA).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="The adapters.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The training data.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="The optimisation.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="The evaluation.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where to write.")
 
     def to_yaml(self) -> str:
-        import yaml
-
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-# ---------------------------------------------------------------- loading
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, name: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None:
-            _require(type(None) in options, name, "must not be null")
-            return None
-        present = [o for o in options if o is not type(None)]
-        if len(present) == 1:  # Optional[X]: X's own error names the wrong field
-            return _convert(value, present[0], name)
-        errors = []
-        for option in present:
-            try:
-                return _convert(value, option, name)
-            except QLoRAGuideError as err:
-                errors.append(str(err))
-        raise QLoRAGuideError(f"{name}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        _require(isinstance(value, dict), name, f"must be a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, prefix=name)
-    if origin is list:
-        _require(isinstance(value, list), name, f"expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        _require(isinstance(value, bool), name, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML reads 2e-4 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        _require(isinstance(value, str), name, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {tp} for {name}")
-
+# ---------------------------------------------------------------- errors
 
 # Names people often write for a field (other libraries' or the papers' names).
 KEY_ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate",
@@ -318,19 +372,154 @@ def suggest_key(key: str, known: list[str]) -> str | None:
     return longer[0] if len(longer) == 1 else None
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build the dataclass ``cls`` from a mapping; unknown keys and wrong types name the key."""
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in known:
-            close = suggest_key(str(key), known)
-            hint = f" (did you mean '{close}'?)" if close else ""
-            raise QLoRAGuideError(f"unknown recipe key '{full}'{hint}")
-        kwargs[key] = _convert(value, hints[key], full)
-    return cls(**kwargs)
+# What a wrong type was expected to be, by pydantic error type.
+_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number",
+    "bool_type": "true or false", "bool_parsing": "true or false",
+    "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+}
+
+
+def _show(value: Any) -> str:
+    """A value as the recipe would write it: 'text', 3, true, null."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _or(words: list[str]) -> str:
+    return " or ".join(words) if len(words) <= 2 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _model_of(annotation: Any) -> type[Section] | None:
+    """The section model an annotation holds (``QuantizationConfig | None`` -> QuantizationConfig), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(annotation: Any) -> str:
+    """What a value of this annotation may be, in words: 'true, false or auto', 'a list of strings'..."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _describe(args[0])
+    if origin is Literal:
+        return _or([str(a) for a in args]) if len(args) <= 2 else f"one of {', '.join(map(str, args))}"
+    if origin in (typing.Union, types.UnionType):
+        parts: list[str] = []
+        for arg in args:
+            parts += ["null"] if arg is type(None) else [_describe(arg)]
+        words = [w for part in parts for w in (part.split(" or ") if part == "true or false" else [part])]
+        return _or(words)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
+
+
+def _bounds(field: Any) -> str:
+    """What a bounded number may be: 'a positive integer', 'in [0, 1)', 'at least 16'..."""
+    limits = {k: getattr(m, k) for m in field.metadata for k in ("gt", "ge", "lt", "le") if getattr(m, k, None) is not None}
+    low = ("(", limits["gt"]) if "gt" in limits else ("[", limits["ge"]) if "ge" in limits else None
+    high = (")", limits["lt"]) if "lt" in limits else ("]", limits["le"]) if "le" in limits else None
+    integer = "integer" in _describe(field.annotation)
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low and low == ("(", 0):
+        return "a positive integer" if integer else "a positive finite number"
+    if low:
+        return f"{'greater than' if low[0] == '(' else 'at least'} {low[1]}"
+    if high:
+        return f"{'less than' if high[0] == ')' else 'at most'} {high[1]}"
+    return "an integer" if integer else "a finite number"
+
+
+def _locate(root: type[Section], loc: tuple[Any, ...]) -> tuple[str, type[Section] | None, Any, tuple[Any, ...]]:
+    """Dotted key of an error location, the section it ends in, its field, and what follows (union members)."""
+    model: type[Section] | None = root
+    parts = [root.recipe_section] if root.recipe_section else []
+    field = None
+    for i, item in enumerate(loc):
+        if isinstance(item, int) and parts:
+            parts[-1] += f"[{item}]"
+        elif model is not None and item in model.model_fields:
+            field = model.model_fields[item]
+            parts.append(item)
+            model = _model_of(field.annotation)
+        else:
+            return ".".join(parts), model, field, loc[i:]
+    return ".".join(parts), model, field, ()
+
+
+def recipe_error(err: ValidationError, root: type[Section]) -> str:
+    """pydantic's errors as one line naming the first wrong key: ``lora.r: must be a positive integer, not 0``."""
+    errors = err.errors(include_url=False)
+    key, model, field, rest = _locate(root, errors[0]["loc"])
+    first = errors[0]
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        unknown = str(rest[0]) if rest else key
+        full = f"{key}.{unknown}" if key else unknown
+        close = suggest_key(unknown, list(model.model_fields)) if model else None
+        return f"unknown recipe key '{full}'" + (f" (did you mean '{close}'?)" if close else "")
+    if kind == "recipe":
+        ctx = first.get("ctx") or {}
+        where = f"{key}.{ctx['key']}" if ctx.get("key") else key
+        return f"{where}: {ctx.get('message', first['msg'])}"
+    if not key:
+        return f"recipe must be a mapping of sections, not {type(first['input']).__name__}"
+    if kind in ("model_type", "model_attributes_type"):
+        return f"{key}: must be a mapping of {model.__name__ if model else 'section'} fields, got {_show(first['input'])}"
+    if rest and field is not None:  # none of the members of a union: say what the field takes
+        same = [e for e in errors if _locate(root, e["loc"])[0] == key]
+        value = min(same, key=lambda e: len(e["loc"]))["input"]
+        return f"{key}: must be {_describe(field.annotation)}, not {_show(value)}"
+    if kind in _EXPECTED:
+        return f"{key}: expected {_EXPECTED[kind]}, got {_show(first['input'])}"
+    if kind == "literal_error" and field is not None:
+        choices = [str(c) for c in typing.get_args(field.annotation)] or []
+        close = difflib.get_close_matches(str(first["input"]), choices, n=1, cutoff=0.8) if isinstance(first["input"], str) else []
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{key}: must be {_describe(field.annotation)}, not {_show(first['input'])}{hint}"
+    if kind in ("string_too_short", "too_short"):
+        return f"{key}: must not be empty"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number") and field is not None:
+        return f"{key}: must be {_bounds(field)}, not {_show(first['input'])}"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"{key}: {message[:1].lower()}{message[1:]} (got {_show(first['input'])})"
+
+
+# ---------------------------------------------------------------- YAML
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans and exponents: ``2e-4`` is a float, ``no`` a word."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    """A YAML document read with :class:`RecipeLoader`."""
+    return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: builds plain data only
+
+
+# ---------------------------------------------------------------- recipes
 
 
 def bundled_recipes() -> dict[str, Path]:
@@ -380,20 +569,18 @@ def recipe_path(name_or_path: str | Path) -> Path:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"training.learning_rate=1e-4"`` -> (["training", "learning_rate"], 1e-4), values read as YAML."""
-    import yaml
-
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise QLoRAGuideError(f"override '{text}' must look like section.key=value")
     try:
-        value = yaml.safe_load(raw)
+        value = read_yaml(raw)
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted keys in a raw recipe mapping (validation happens afterwards, in :func:`from_dict`)."""
+    """Set dotted keys in a raw recipe mapping (validation happens afterwards, in :meth:`Recipe.from_dict`)."""
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -407,13 +594,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-# transformers' SchedulerType values, spelled out so that a recipe is checked without importing torch;
-# tests/test_config.py fails if transformers adds or drops one.
-SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                   "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-                   "warmup_stable_decay", "greedy")
-
-
 def scheduler_types() -> tuple[str, ...]:
     """The learning-rate schedules transformers' Trainer knows (its ``SchedulerType``)."""
     return SCHEDULER_TYPES
@@ -421,14 +601,12 @@ def scheduler_types() -> tuple[str, ...]:
 
 def load_recipe(name_or_path: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
     """Load and validate a recipe from a bundled name, a YAML file or a mapping, then apply ``--set`` overrides."""
-    import yaml
-
     if isinstance(name_or_path, dict):
         data = copy.deepcopy(name_or_path)  # overrides must not change the caller's mapping
     else:
         path = recipe_path(name_or_path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = read_yaml(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -438,9 +616,9 @@ def load_recipe(name_or_path: str | Path | dict, overrides: list[str] | None = N
         if not isinstance(data, dict):
             raise QLoRAGuideError(f"recipe {path} must be a mapping of sections, not {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
-    return from_dict(Recipe, data)
+    return Recipe.from_dict(data)
 
 
-def field_help(cls: type) -> dict[str, str]:
-    """Help text of each field of a config dataclass, for docs and ``--help``."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+def field_help(cls: type[BaseModel]) -> dict[str, str]:
+    """Help text of each field of a recipe section (its pydantic description), for docs and ``--help``."""
+    return {name: info.description or "" for name, info in cls.model_fields.items()}

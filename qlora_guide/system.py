@@ -22,13 +22,17 @@ import shutil
 import subprocess
 import warnings
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from qlora_guide.precision import CPU_BF16_ENV, resolve
+import psutil
+import torch
 
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
+from qlora_guide.memory import bundled_configs, estimate, load_model_shape
+from qlora_guide.models import cache_dir, embedded_model_path
+from qlora_guide.precision import CPU_BF16_ENV, resolve
+from qlora_guide.versions import package_versions
+
 TRAIN_BATCH, TRAIN_SEQ = 1, 512  # the recommendation's training run: batch 1 x 512 tokens, checkpointing on
 
 
@@ -105,27 +109,8 @@ class SystemReport:
 # --------------------------------------------------------------------------- probes
 
 
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of the stack (None when a package is missing), read without importing them.
-
-    torch is already imported by the check, and its own ``__version__`` names
-    the build (``+cpu``, ``+cu130``), which its package metadata may not.
-    """
-    import torch
-
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["torch"] = torch.__version__
-    return versions
-
-
 def gpu_info() -> list[GPUInfo]:
     """The CUDA devices torch can use (empty without CUDA)."""
-    import torch
 
     if not torch.cuda.is_available():
         return []
@@ -193,7 +178,6 @@ def bitsandbytes_backend() -> tuple[str, dict[str, str]]:
             from bitsandbytes import cextension
     except Exception as err:  # noqa: BLE001 - a broken install is reported, not raised
         return f"unavailable ({(str(err).splitlines() or [type(err).__name__])[0][:100]})", {}
-    import torch
 
     backend = str(getattr(cextension, "BNB_BACKEND", "unknown")).lower()
     lib = type(getattr(cextension, "lib", None)).__name__
@@ -235,7 +219,6 @@ def _quiet_logging(name: str) -> Any:
 
 def cpu_capability() -> str | None:
     """The CPU instruction set torch dispatches to (AVX2, AVX512...), plus AVX512-BF16 when bitsandbytes sees it."""
-    import torch
 
     try:
         capability = torch.backends.cpu.get_cpu_capability()
@@ -261,7 +244,6 @@ def _existing(path: Path) -> Path:
 
 def disk_free() -> dict[str, int]:
     """Free bytes where models are cached and in the working directory."""
-    from qlora_guide.models import cache_dir
 
     places = {f"cache ({cache_dir()})": cache_dir(), f"cwd ({Path.cwd()})": Path.cwd()}
     return {label: shutil.disk_usage(_existing(path)).free for label, path in places.items()}
@@ -272,7 +254,6 @@ def disk_free() -> dict[str, int]:
 
 def recommend(gpus: list[GPUInfo], ram_available: int, paged_ok: bool) -> Recommendations:
     """Plan every bundled model for QLoRA on this machine's largest GPU, or on the CPU's available RAM."""
-    from qlora_guide.memory import bundled_configs, estimate, load_model_shape
 
     if gpus:
         gpu = max(gpus, key=lambda g: g.total_memory)
@@ -315,11 +296,14 @@ def recommend(gpus: list[GPUInfo], ram_available: int, paged_ok: bool) -> Recomm
                            bool(gpus) and paged_ok, paged_note, optimizer, plan.optim, notes)
 
 
-def check_system() -> SystemReport:
-    """Inspect this machine and recommend what to run on it (works without a GPU)."""
-    import psutil
-    import torch
+def check_system(rebuild_model: bool = False) -> SystemReport:
+    """Inspect this machine and recommend what to run on it (works without a GPU).
 
+    ``rebuild_model`` converts the embedded model into the cache again first
+    (after a change of transformers, or to repair a cache).
+    """
+    if rebuild_model:
+        embedded_model_path(rebuild=True)
     gpus = gpu_info()
     backend, checks = bitsandbytes_backend()
     capability = cpu_capability()

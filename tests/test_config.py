@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import pytest
@@ -81,7 +80,7 @@ def test_mistral_recipe_has_the_guides_exact_settings():
     q = r.quantization
     assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == (True, "nf4", True, "bfloat16")
     assert (r.lora.r, r.lora.lora_alpha, r.lora.lora_dropout, r.lora.bias) == (64, 16, 0.05, "none")
-    assert r.lora.target_modules == GUIDE_TARGET_MODULES
+    assert r.lora.target_modules == list(GUIDE_TARGET_MODULES)
     t = r.training
     assert (t.num_train_epochs, t.per_device_train_batch_size, t.gradient_accumulation_steps, t.learning_rate) == (3, 4, 4, 2e-4)
     assert (t.logging_steps, t.save_steps, t.save_total_limit, t.max_grad_norm, t.warmup_ratio) == (10, 100, 2, 0.3, 0.03)
@@ -139,7 +138,10 @@ def test_library_objects_match_the_recipe():
 
 
 def test_every_field_has_help():
-    for cls in (Recipe, *{type(getattr(Recipe(), f.name)) for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(getattr(Recipe(), f.name))}):
+    sections = {type(getattr(Recipe(), name)) for name in Recipe.model_fields} - {str}
+    assert len(sections) == 7
+    for cls in (Recipe, *sections):
+        assert field_help(cls).keys() == cls.model_fields.keys()
         assert all(field_help(cls).values()), cls.__name__
 
 
@@ -152,7 +154,8 @@ def test_schedules_are_transformers_own(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("training.lr_scheduler_type=bogus", "training.lr_scheduler_type: unknown schedule 'bogus'"),
+    ("training.lr_scheduler_type=bogus", "training.lr_scheduler_type: must be one of linear, cosine, "),
+    ("training.lr_scheduler_type=cosin", "not 'cosin' (did you mean 'cosine'?)"),
     ("training.learning_rate=.inf", "training.learning_rate: must be a positive finite number, not inf"),
     ("training.learning_rate=.nan", "training.learning_rate: must be a positive finite number, not nan"),
     ("training.report_to=[no_such_logger_pkg]", "training.report_to: 'no_such_logger_pkg' is not installed"),
@@ -171,3 +174,51 @@ def test_an_empty_recipe_file_is_refused(tmp_path):
     empty.write_text("# nothing yet\n")
     with pytest.raises(QLoRAGuideError, match="is empty"):
         load_recipe(empty)
+
+
+def test_yaml_numbers_and_words_are_read_as_the_field_needs(tmp_path):
+    path = tmp_path / "quirks.yaml"
+    path.write_text("training:\n  learning_rate: 2e-4\n  bf16: no\ndata:\n  packing: off\n  languages: [no, fr]\n"
+                    "model:\n  trust_remote_code: yes\n")
+    recipe = load_recipe(path, ["training.weight_decay=1e-2", "output.overwrite=on"])
+    assert recipe.training.learning_rate == 2e-4 and recipe.training.weight_decay == 0.01
+    assert recipe.training.bf16 is False and recipe.data.packing is False and recipe.model.trust_remote_code is True
+    assert recipe.output.overwrite is True
+    assert recipe.data.languages == ["no", "fr"]  # Norwegian, not false: a word where the field takes words
+    for override, message in [("lora.r=true", "lora.r: expected an integer, got true"),
+                              ("lora.lora_dropout=false", "lora.lora_dropout: expected a number, got false"),
+                              ("training.max_steps=2.5", "training.max_steps: expected an integer, got 2.5")]:
+        with pytest.raises(QLoRAGuideError, match=re.escape(message)):
+            load_recipe("demo", [override])
+
+
+def test_sections_built_in_python_are_checked_alike():
+    from qlora_guide.config import DataConfig, LoraConfig
+
+    with pytest.raises(QLoRAGuideError, match=r"^lora\.r: must be a positive integer, not 0$"):
+        LoraConfig(r=0)
+    with pytest.raises(QLoRAGuideError, match=r"^unknown recipe key 'data\.max_len' \(did you mean 'max_length'\?\)$"):
+        DataConfig(max_len=64)
+    with pytest.raises(QLoRAGuideError, match=r"^lora\.target_modules: must name at least one module"):
+        LoraConfig(target_modules=[])
+    assert LoraConfig(target_modules="all-linear").to_peft().target_modules == "all-linear"
+
+
+def test_trainer_args_are_transformers_own_names():
+    recipe = load_recipe("demo", ["training.trainer_args={adam_beta2: 0.95, lr_scheduler_kwargs: {}}"])
+    assert recipe.training.trainer_args == {"adam_beta2": 0.95, "lr_scheduler_kwargs": {}}
+    assert load_recipe(recipe.to_dict()) == recipe
+    for override, message in [
+        ("training.trainer_args={adam_beta3: 0.9}",
+         "training.trainer_args.adam_beta3: not a field of transformers' TrainingArguments (did you mean 'adam_beta2'?)"),
+        ("training.trainer_args={evaluation_strategy: steps}", "training.trainer_args.evaluation_strategy: not a field "
+                                                               "of transformers' TrainingArguments (did you mean 'eval_strategy'?)"),
+        ("training.trainer_args={gradient_checkpointing_kwargs: {}}",
+         "training.trainer_args.gradient_checkpointing_kwargs: a deprecated name in transformers: use activation_checkpointing_kwargs"),
+        ("training.trainer_args={learning_rate: 0.1}", "training.trainer_args.learning_rate: set training.learning_rate instead"),
+        ("training.trainer_args={warmup_steps: 10}", "training.trainer_args.warmup_steps: set training.warmup_ratio instead"),
+        ("training.trainer_args={output_dir: elsewhere}", "training.trainer_args.output_dir: set by qlora-guide from output.dir"),
+    ]:
+        with pytest.raises(QLoRAGuideError) as err:
+            load_recipe("demo", [override])
+        assert str(err.value) == message

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from qlora_guide import deployment
+from qlora_guide.deployment import loading, merging
 from qlora_guide.errors import QLoRAGuideError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -127,7 +128,7 @@ def test_cli_prints_one_line_for_a_bad_adapter(tmp_path, adapter_run, capsys):
 
     folder = copy_adapter(adapter_run, tmp_path / "cut")
     (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 8)
-    for argv in (["generate", "hi", "--model", str(folder)], ["merge", str(folder), "--out", str(tmp_path / "m")], ["info", str(folder)]):
+    for argv in (["generate", "hi", "--model", str(folder)], ["merge", str(folder), "--output-dir", str(tmp_path / "m")], ["info", str(folder)]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "corrupt or truncated" in err, err
@@ -237,16 +238,16 @@ def test_the_weight_check_catches_a_merge_into_the_wrong_weights(adapter_run):
     """The bound check has power: the adapter on the original (not NF4) weights fails it."""
     from qlora_guide.models import load_model
 
-    quantized, plain = deployment._load_dequantized("smollm2-135m", deployment.training_quantization(adapter_run / "adapter"))
-    targets = deployment._exact_targets(deployment.load_adapter_model(adapter_run, base_model=plain))
+    quantized, plain = loading._load_dequantized("smollm2-135m", deployment.training_quantization(adapter_run / "adapter"))
+    targets = merging._exact_targets(deployment.load_adapter_model(adapter_run, base_model=plain))
     wrong = deployment.load_adapter_model(adapter_run, base_model=load_model(dtype="float32")).merge_and_unload()
-    check = deployment._check_merged_weights(wrong, targets, "float32")
+    check = merging._check_merged_weights(wrong, targets, "float32")
     assert not check["weights_within_bound"] and check["max_error_over_bound"] > 100, check
 
 
 @pytest.mark.slow
 def test_merged_folder_is_a_plain_model_that_loads_without_peft_or_bitsandbytes(merged, base_lm):
-    out = Path(merged.out_dir)
+    out = Path(merged.output_dir)
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "manifest.json", "recipe.yaml"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
@@ -280,7 +281,7 @@ def test_merged_folder_is_a_plain_model_that_loads_without_peft_or_bitsandbytes(
 
 @pytest.mark.slow
 def test_merge_never_overwrites_unasked(merged, adapter_run):
-    out = Path(merged.out_dir)
+    out = Path(merged.output_dir)
     before = (out / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(QLoRAGuideError, match="already exists"):
         deployment.merge_adapter(adapter_run, out)
@@ -291,7 +292,7 @@ def test_merge_never_overwrites_unasked(merged, adapter_run):
 def test_merged_back_to_4bit(merged):
     import bitsandbytes as bnb
 
-    lm = deployment.load_merged_4bit(merged.out_dir)
+    lm = deployment.load_merged_4bit(merged.output_dir)
     assert lm.quantized
     assert isinstance(lm.model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
     assert deployment.generate(lm, "What is QLoRA?", max_new_tokens=4, stream=False).strip()
@@ -355,6 +356,24 @@ def test_info_shows_manifest_recipe_and_adapter_shape(adapter_run, capsys):
     assert "r=8" in capsys.readouterr().out
     assert main(["info", str(adapter_run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["adapter"]["r"] == 8
+
+
+def test_info_lists_the_checkpoints_of_a_run_by_step(tmp_path, adapter_run):
+    """Training keeps its checkpoints in RUN/checkpoints/checkpoint-N: info lists them, oldest step first."""
+    from qlora_guide.training import mark_complete
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter_run, run)
+    for step in (10, 2, 4):
+        checkpoint = run / "checkpoints" / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        mark_complete(checkpoint, step)
+    (run / "checkpoints" / "checkpoint-notes").mkdir()  # not a checkpoint of a step
+    for path in (run, run / "adapter"):
+        facts = deployment.info(path)
+        assert facts.get("checkpoints") == ["checkpoint-2", "checkpoint-4", "checkpoint-10"], facts.get("checkpoints")
+    assert "checkpoint-2, checkpoint-4, checkpoint-10" in deployment.format_info(facts)
 
 
 # ------------------------------------------------------------------ with a real training run

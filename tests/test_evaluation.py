@@ -154,7 +154,7 @@ def test_text_examples_have_no_references():
 
 
 def test_evaluate_run_on_the_base_model_writes_json_and_markdown(tmp_path, model_cache):
-    report = evaluation.evaluate_run("smollm2-135m", max_samples=3, max_new_tokens=6, out_dir=tmp_path)
+    report = evaluation.evaluate_run("smollm2-135m", max_samples=3, max_new_tokens=6, output_dir=tmp_path)
     (row,) = report["rows"]
     assert row["samples"] == 3 and row["perplexity"] > 1
     assert 0 <= row["bleu"] <= 100 and 0 <= row["chrf"] <= 100
@@ -180,7 +180,7 @@ def test_compare_models_measures_every_variant_on_the_same_data(tmp_path_factory
     # model must then match the 4-bit + adapter model exactly
     monkeypatch.setenv("QLORA_GUIDE_CPU_BF16", "0")
     run = make_adapter_run(tmp_path_factory.mktemp("compare") / "run")
-    merged = merge_adapter(run, run.parent / "merged", check_parity=False).out_dir
+    merged = merge_adapter(run, run.parent / "merged", check_parity=False).output_dir
     from qlora_guide.config import QuantizationConfig
 
     float32_4bit = QuantizationConfig(bnb_4bit_compute_dtype="float32")
@@ -225,10 +225,10 @@ def test_an_existing_report_is_refused_before_any_model_loads(tmp_path, monkeypa
     (tmp_path / "report.json").write_text("{}")
     monkeypatch.setattr("qlora_guide.deployment.load_any", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(QLoRAGuideError, match="report.json already exists"):
-        evaluation.evaluate_run("smollm2-135m", out_dir=tmp_path)
+        evaluation.evaluate_run("smollm2-135m", output_dir=tmp_path)
     (tmp_path / "file").write_text("x")
     with pytest.raises(QLoRAGuideError, match="is a file, not a folder"):
-        evaluation.evaluate_run("smollm2-135m", out_dir=tmp_path / "file")
+        evaluation.evaluate_run("smollm2-135m", output_dir=tmp_path / "file")
     assert (tmp_path / "report.json").read_text() == "{}"
     for option in ("batch_size", "max_new_tokens"):  # 0 used to mean "the default" silently
         with pytest.raises(QLoRAGuideError, match=f"^{option} must be a positive integer, not 0$"):

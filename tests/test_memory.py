@@ -211,6 +211,42 @@ def test_paper_headline_65b_fits_in_48_gb():
     assert check["lora_bf16_total"] > 2 * 48 * GiB  # without 4-bit weights it is far out of reach
 
 
+def test_bf16_adapters_halve_the_adapter_weights_and_gradients():
+    """The paper's setting (adapters cast to bf16) against peft's default (fp32), from the shape's own counts."""
+    shape = load_model_shape("mistral-7b")
+    modules = ("q_proj", "v_proj", "down_proj")
+    n = memory.lora_parameters(shape, 16, modules)
+    fp32, bf16 = ({r.name: r.bytes for r in estimate(shape, r=16, target_modules=modules, adapter_dtype=dtype).training}
+                  for dtype in ("float32", "bfloat16"))
+    assert (fp32["LoRA weights"], fp32["gradients"]) == (4 * n, 4 * n)
+    assert 2 * (bf16["LoRA weights"] + bf16["gradients"]) == fp32["LoRA weights"] + fp32["gradients"]
+    assert 2 * bf16["optimizer states"] == fp32["optimizer states"]  # torch's AdamW: states like the parameters
+    assert bf16["activations"] < fp32["activations"]  # the adapters' input copies are bf16 too
+    assert bf16["base weights"] == fp32["base weights"] and bf16["16-bit weights"] == fp32["16-bit weights"]
+    paged = [{r.name: r.bytes for r in estimate(shape, optimizer="paged_adamw_32bit", adapter_dtype=dtype).training}
+             for dtype in ("float32", "bfloat16")]
+    assert paged[0]["optimizer states"] == paged[1]["optimizer states"]  # bitsandbytes' 32-bit states stay fp32
+    with pytest.raises(QLoRAGuideError, match="adapter_dtype"):
+        estimate(shape, adapter_dtype="int8")
+
+
+def test_paper_setting_and_peft_defaults_of_the_65b_check():
+    check = memory.paper_headline_check()
+    peft = check["peft_defaults"]
+    assert check["adapter_dtype"] == "bfloat16" and peft["adapter_dtype"] == "float32"
+    assert check["estimate"].settings["adapter_dtype"] == "bfloat16"
+    assert check["seq_len"] == 16 + 512 and check["batch_size"] == 1
+    n = check["estimate"].trainable_parameters
+    assert n == memory.lora_parameters(load_model_shape("llama-65b"), 64, memory.GUIDE_TARGET_MODULES)
+    # fp32 adapters add 2 bytes per adapter weight and 2 per gradient, plus their share of the overhead
+    assert peft["training_total"] - check["training_total"] >= 4 * n
+    assert peft["weights_bytes"] == check["weights_bytes"]
+    for plan in (check, peft):
+        assert plan["without_double_quant"] > plan["training_total"]
+        assert plan["fits"] == (plan["margin_bytes"] >= 0)
+        assert plan["without_double_quant_fits"] == (plan["without_double_quant_margin_bytes"] >= 0)
+
+
 def test_sixteen_gb_check_for_mistral():
     check = memory.sixteen_gb_check()
     first = check["rows"][0]
@@ -238,6 +274,52 @@ def test_measure_gpu_without_cuda_is_a_one_line_error():
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2
     assert done.stdout.strip() == "error: measure_gpu_training_peak needs a CUDA GPU"
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+RSS_COUNTER_SLACK = 2 * 2**20
+
+
+PEAK_PROBE = """
+import json, torch
+from qlora_guide import memory
+size = 256 * 2**20  # above glibc's largest mmap threshold: fresh pages, returned when freed
+device = "cuda" if torch.cuda.is_available() else "cpu"
+with memory.peak_memory() as outer:
+    with memory.peak_memory() as inner:
+        tensor = torch.ones(size // 4, dtype=torch.float32, device=device)
+        del tensor
+    after = memory.read_peaks()
+print(json.dumps({"size": size, "cuda": device == "cuda", "after_rss": after.rss_peak, "after_cuda": after.cuda_peak_allocated,
+                  "blocks": [{**vars(p), "rss_increase": p.rss_peak_increase, "cuda_increase": p.cuda_peak_increase,
+                              "row": p.mib()} for p in (inner, outer)]}))
+"""
+
+
+def test_peak_memory_sees_a_tensor_freed_inside_the_block():
+    """A tensor allocated and freed inside the block raises its peak by at least its size, nested blocks too.
+
+    Measured in a fresh process: the heap that earlier tests left behind must not serve the allocation.
+    """
+    done = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    size = probe["size"]
+    inner, outer = probe["blocks"]
+    for peak in (inner, outer):
+        if probe["cuda"]:
+            assert peak["cuda_increase"] >= size
+        elif peak["rss_peak_exact"]:
+            # the kernel updates each thread's RSS counter in batches of up to 64 pages, hence the slack
+            assert peak["rss_increase"] >= size - RSS_COUNTER_SLACK
+            assert peak["rss_increase"] > peak["rss_end"] - peak["rss_start"] + size // 2  # the peak, not the end
+        else:
+            pytest.skip("the kernel's peak-RSS counter cannot be reset here")
+    assert probe["after_rss"] >= inner["rss_peak"] and probe["after_cuda"] >= inner["cuda_peak_allocated"]
+    assert inner["row"]["rss_peak_mb"] == round(inner["rss_increase"] / 2**20, 1)
+    assert ("cuda_peak_allocated_mb" in inner["row"]) == probe["cuda"]
 
 
 # --------------------------------------------------------------------------- against the real model

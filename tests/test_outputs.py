@@ -29,7 +29,7 @@ def test_overwrite_refuses_a_folder_the_package_did_not_write(tmp_path):
     before = snapshot(tmp_path)
     with pytest.raises(QLoRAGuideError, match="did not write as a quantized folder .*important.txt.*nothing was deleted"):
         outputs.check_output_folder(folder, overwrite=True, kind="quantized")
-    result = cli("quantize", "smollm2-135m", "--out", str(folder), "--overwrite")
+    result = cli("quantize", "smollm2-135m", "--output-dir", str(folder), "--overwrite")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "important.txt" in result.stderr
     assert snapshot(tmp_path) == before
@@ -67,9 +67,9 @@ def test_merge_into_its_own_run_is_refused_before_anything_is_touched(tmp_path, 
 
     run = make_adapter_run(tmp_path / "run")
     before = snapshot(tmp_path)
-    result = cli("merge", str(run), "--out", str(run), "--overwrite")
+    result = cli("merge", str(run), "--output-dir", str(run), "--overwrite")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "is the input" in result.stderr
-    result = cli("merge", str(run / "adapter"), "--out", str(tmp_path), "--overwrite")
+    result = cli("merge", str(run / "adapter"), "--output-dir", str(tmp_path), "--overwrite")
     assert result.returncode == 2 and "contains the input" in result.stderr, result.stderr
     assert snapshot(tmp_path) == before

@@ -34,7 +34,7 @@ def test_bars_follow_the_terminal_and_the_setting(monkeypatch, capsys):
 def _evaluate(extra: list[str], terminal: bool) -> str:
     """stderr of a short `qlora-guide evaluate`, run under a pseudo-terminal or with stderr on a pipe."""
     command = [sys.executable, "-m", "qlora_guide", "evaluate", "smollm2-135m", "--max-samples", "2",
-               "--max-new-tokens", "2", "--no-speed", *extra]
+               "--max-new-tokens", "2", "--no-performance", *extra]
     env = {k: v for k, v in os.environ.items() if k != progress.PROGRESS_ENV}
     if not terminal:
         return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=True).stderr

@@ -121,7 +121,7 @@ def test_8bit_blockwise_matches_bitsandbytes_cpu_kernel():
 
 @pytest.mark.gpu
 def test_parity_with_bitsandbytes_cuda():
-    """Against bitsandbytes' CUDA kernels, which differ from its CPU path in documented ways (module docstring)."""
+    """Against bitsandbytes' CUDA kernels, which differ from its CPU path in the ways qlora_guide.quantization.parity documents."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     cases = itertools.product(SHAPES + ((4096, 4096),), DTYPES, (0, 1), ("nf4", "fp4"), (False, True))
@@ -234,7 +234,7 @@ def test_quantize_model_reloads_as_linear4bit_with_same_logits(saved_nf4):
     from qlora_guide.models import load_model
     from qlora_guide.precision import follow_cpu_bf16_setting
 
-    out = saved_nf4.out_dir
+    out = saved_nf4.output_dir
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
     assert not [p for p in os.listdir(os.path.dirname(out)) if p.startswith(".nf4-")], "no staging folder left"
     assert saved_nf4.quantized_layers == 30 * 7
@@ -253,7 +253,7 @@ def test_quantize_model_reloads_as_linear4bit_with_same_logits(saved_nf4):
 def test_footprint_of_real_model(saved_nf4, bf16_model):
     from transformers import AutoModelForCausalLM
 
-    nf4 = Q.model_footprint(AutoModelForCausalLM.from_pretrained(saved_nf4.out_dir))  # before any forward pass
+    nf4 = Q.model_footprint(AutoModelForCausalLM.from_pretrained(saved_nf4.output_dir))  # before any forward pass
     bf16 = Q.model_footprint(bf16_model)
     params = sum(p.numel() for p in bf16_model.parameters())  # tied head listed once
     assert bf16["parameters"] == nf4["parameters"] == params
@@ -268,6 +268,25 @@ def test_footprint_of_real_model(saved_nf4, bf16_model):
     linear_params = params - embed.numel() - sum(p.numel() for n, p in bf16_model.named_parameters() if "norm" in n)
     linear_bits = 8 * (nf4["by_kind"]["attention"] + nf4["by_kind"]["mlp"]) / linear_params
     assert 4.12 < linear_bits < 4.2
+    storage = nf4["by_storage"]  # the same bytes sorted by how they are stored
+    assert sum(storage.values()) == nf4["total_bytes"] and storage["lora"] == 0
+    assert storage["quantized"] == linear_params // 2  # two 4-bit codes per byte
+    assert storage["quant_constants"] == nf4["quant_constants_bytes"]
+    assert bf16["by_storage"]["other"] == bf16["total_bytes"]
+
+
+def test_tensor_bytes_counts_tied_tensors_once_and_sorts_by_storage():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight  # a tied head
+    model.add_module("lora_A", torch.nn.Linear(4, 2, bias=False))
+    counted = Q.tensor_bytes(model)
+    assert counted["by_storage"] == {"quantized": 0, "quant_constants": 0, "lora": 2 * 4 * 4, "other": 10 * 4 * 4}
+    assert counted["total_bytes"] == sum(counted["by_kind"].values()) == (10 + 2) * 4 * 4
+    assert counted["parameters"] == (10 + 2) * 4
+    int8, _ = Q.torch_dynamic_int8(torch.nn.Sequential(torch.nn.Linear(8, 4)))
+    counted = Q.tensor_bytes(int8)
+    assert counted["by_storage"]["quantized"] == 8 * 4 and counted["by_storage"]["other"] == 4 * 4  # int8 weight, fp32 bias
+    assert counted["parameters"] == 8 * 4 + 4
 
 
 def test_footprint_table_rows(bf16_model):

@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from qlora_guide import deployment
+from qlora_guide.deployment.serving import TextAssembler, make_server
 from qlora_guide.errors import QLoRAGuideError
-from qlora_guide.serving import TextAssembler, make_server
 
 KEY = "test-key"
 MODEL = "smollm2-135m"

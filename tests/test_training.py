@@ -188,6 +188,39 @@ def test_answer_only_logits_give_the_models_loss_and_gradients(tiny_recipe, toke
     assert not doubled.check(model, batch, labels, contextlib.nullcontext)
 
 
+# ---------------------------------------------------------------- TrainingArguments
+
+
+def test_training_arguments_take_the_recipe_fields_by_name(tiny_recipe, tmp_path):
+    import dataclasses
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from qlora_guide.config import PACKAGE_TRAINING_ARGUMENTS, TRAINING_ARGUMENT_NAMES
+    from qlora_guide.training import package_training_arguments, training_arguments
+
+    tiny_recipe["training"]["trainer_args"] = {"adam_beta2": 0.95, "lr_scheduler_kwargs": {"num_cycles": 2}, "logging_first_step": False}
+    recipe = load_recipe(tiny_recipe)
+    precision = resolve_precision(recipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated name reaches transformers
+        args = training_arguments(recipe, precision, tmp_path, has_validation=True)
+    t = recipe.training
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    derived = package_training_arguments(recipe, precision, tmp_path, True)
+    passed = [n for n in type(t).model_fields if TRAINING_ARGUMENT_NAMES.get(n, n) in fields and n not in derived]
+    assert {"learning_rate", "max_steps", "save_steps", "seed", "warmup_ratio", "gradient_checkpointing"} <= set(passed)
+    for name in passed:
+        assert getattr(args, TRAINING_ARGUMENT_NAMES.get(name, name)) == getattr(t, name), name
+    assert (args.adam_beta2, args.lr_scheduler_kwargs, args.logging_first_step) == (0.95, {"num_cycles": 2}, False)
+    assert (args.eval_strategy, args.eval_steps, args.load_best_model_at_end, args.optim) == ("steps", 2, True, precision.optim)
+    assert args.output_dir == str(tmp_path / "checkpoints") and args.report_to == []
+    assert set(derived) <= set(PACKAGE_TRAINING_ARGUMENTS) | set(type(t).model_fields)  # trainer_args cannot set them
+    for name in PACKAGE_TRAINING_ARGUMENTS:
+        assert name in fields, name
+
+
 # ---------------------------------------------------------------- a whole run
 
 
@@ -246,6 +279,9 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_recipe, tmp_path):
         train(tiny_recipe, ["lora.r=0"], output_dir=out)
     with pytest.raises(QLoRAGuideError, match=r"^training.learning_rate: must be a positive finite number"):
         train(tiny_recipe, ["training.learning_rate=-0.001"], output_dir=out)
+    with pytest.raises(QLoRAGuideError, match=r"^training\.trainer_args\.warmup_ratios: not a field of transformers' "
+                                              r"TrainingArguments \(did you mean 'warmup_steps'\?\)$"):
+        train(tiny_recipe, ["training.trainer_args={warmup_ratios: 0.1}"], output_dir=out)
     with pytest.raises(QLoRAGuideError, match="does not exist"):
         train(tiny_recipe, [f"data.path={tmp_path / 'missing.jsonl'}"], output_dir=out)
     (tmp_path / "empty.jsonl").write_text("")

@@ -11,19 +11,18 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-PATTERNS = ("*.py", "*.yaml", "*.jsonl")
+
+def package_files(package_dir: Path) -> list[Path]:
+    """Every file the package ships (code, recipes, datasets, bundled model configs), bytecode caches left out."""
+    return sorted(
+        path for path in package_dir.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    )
 
 
 def package_source_hash(package_dir: Path, length: int = 12) -> str:
-    """sha256 over the names and bytes of the package's *.py, *.yaml and *.jsonl files."""
-    files = sorted(
-        {
-            path
-            for pattern in PATTERNS
-            for path in package_dir.rglob(pattern)
-            if "__pycache__" not in path.parts
-        }
-    )
+    """sha256 over the names and bytes of every file of the package."""
+    files = package_files(package_dir)
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(package_dir).as_posix().encode())

@@ -9,7 +9,7 @@ thin wrappers around sacrebleu::
     from qlora_guide.metrics import metric_path
 
     bleu = evaluate.load(metric_path("bleu"))
-    bleu.compute(predictions=["the cat sat"], references=[["the cat sat"]])["score"]  # 100.0
+    bleu.compute(predictions=["the cat sat on the mat"], references=[["the cat sat on the mat"]])["score"]  # 100.0
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ Scores are sacrebleu's (0-100), on detokenized text with its default ``13a``
 tokenizer, so they can be compared with any other sacrebleu BLEU.
 """
 
-import datasets
 import evaluate
 import sacrebleu
+
+from qlora_guide.metrics.references import FEATURES, reference_streams
 
 _DESCRIPTION = """BLEU (Papineni et al., 2002) as computed by sacrebleu (Post, 2018): the geometric mean of
 modified n-gram precisions (n = 1..4) times a brevity penalty, over the whole corpus, on a 0-100 scale."""
@@ -38,21 +39,12 @@ class Bleu(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=[
-                datasets.Features(
-                    {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
-                ),
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-            ],
+            features=FEATURES,
             reference_urls=["https://github.com/mjpost/sacrebleu"],
         )
 
     def _compute(self, predictions, references, tokenize="13a", lowercase=False, smooth_method="exp"):
-        references = [[r] if isinstance(r, str) else list(r) for r in references]
-        count = len(references[0]) if references else 0
-        if any(len(r) != count for r in references):
-            raise ValueError("sacrebleu needs the same number of references for every prediction")
-        streams = [[refs[i] for refs in references] for i in range(count)]
+        streams = reference_streams(references)
         metric = sacrebleu.BLEU(tokenize=tokenize, lowercase=lowercase, smooth_method=smooth_method)
         bleu = metric.corpus_score(predictions, streams)
         return {

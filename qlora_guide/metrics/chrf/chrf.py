@@ -4,9 +4,10 @@ chrF compares character n-grams, so it rewards a paraphrase that shares word
 stems and is less harsh than BLEU on short answers and on French inflection.
 """
 
-import datasets
 import evaluate
 import sacrebleu
+
+from qlora_guide.metrics.references import FEATURES, reference_streams
 
 _DESCRIPTION = """chrF (Popovic, 2015) as computed by sacrebleu: an F-score (beta = 2, recall weighted twice) over
 character n-grams up to 6, plus word n-grams up to word_order (2 gives chrF++), on a 0-100 scale."""
@@ -40,23 +41,14 @@ class Chrf(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=[
-                datasets.Features(
-                    {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
-                ),
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-            ],
+            features=FEATURES,
             reference_urls=["https://github.com/mjpost/sacrebleu"],
         )
 
     def _compute(
         self, predictions, references, char_order=6, word_order=0, beta=2, lowercase=False, whitespace=False
     ):
-        references = [[r] if isinstance(r, str) else list(r) for r in references]
-        count = len(references[0]) if references else 0
-        if any(len(r) != count for r in references):
-            raise ValueError("sacrebleu needs the same number of references for every prediction")
-        streams = [[refs[i] for refs in references] for i in range(count)]
+        streams = reference_streams(references)
         metric = sacrebleu.CHRF(
             char_order=char_order, word_order=word_order, beta=beta, lowercase=lowercase, whitespace=whitespace
         )

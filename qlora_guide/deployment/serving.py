@@ -35,6 +35,7 @@ Design, in the order a request meets it:
 from __future__ import annotations
 
 import json
+import os
 import queue
 import secrets
 import sys
@@ -46,9 +47,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from qlora_guide.deployment.generation import chat_input_ids, generate_ids
+from qlora_guide.deployment.loading import load_any
 from qlora_guide.errors import QLoRAGuideError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+API_KEY_ENV = "QLORA_GUIDE_API_KEY"  # where serve finds its API key when none is given
 ROLES = {"system", "developer", "user", "assistant"}
 
 
@@ -89,6 +93,24 @@ class Job:
     seed: int | None = None
     events: queue.Queue = field(default_factory=queue.Queue)  # ("token", id) ... ("end", None) or ("error", exc)
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class JobStreamer:
+    """A ``generate`` streamer that sends each new token id to the job's events as soon as it exists."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first passes the prompt
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.job.events.put(("token", int(token)))
+
+    def end(self) -> None:
+        pass
 
 
 class Engine:
@@ -132,47 +154,22 @@ class Engine:
 
     def _generate(self, job: Job) -> None:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        from qlora_guide.deployment import sampling_kwargs
-
-        class Forward(BaseStreamer):
-            """Sends each new token id to the request as soon as it exists."""
-
-            def __init__(self) -> None:
-                self.prompt_seen = False
-
-            def put(self, value: Any) -> None:
-                if not self.prompt_seen:  # generate() first passes the prompt
-                    self.prompt_seen = True
-                    return
-                for token in value.reshape(-1).tolist():
-                    job.events.put(("token", int(token)))
-
-            def end(self) -> None:
-                pass
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), job.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
 
         lm = self.lm
-        ids = torch.tensor([job.input_ids], dtype=torch.long, device=lm.device)
-        sampling = sampling_kwargs(job.temperature, job.top_p)
+        ids = torch.tensor([job.input_ids], dtype=torch.long)
+        seed = job.seed if job.seed is not None else secrets.randbits(63)
         with lm.lock:
-            if sampling["do_sample"]:
-                torch.manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
-            with torch.no_grad():
-                lm.model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=job.max_new_tokens,
-                    pad_token_id=lm.tokenizer.pad_token_id,
-                    streamer=Forward(),
-                    stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                    **sampling,
-                )
+            generate_ids(
+                lm.model,
+                ids,
+                max_new_tokens=job.max_new_tokens,
+                temperature=job.temperature,
+                top_p=job.top_p,
+                tokenizer=lm.tokenizer,
+                stop=job.cancelled,
+                seed=seed,
+                streamer=JobStreamer(job),
+            )
 
 
 class TextAssembler:
@@ -542,8 +539,6 @@ class Handler(BaseHTTPRequestHandler):
     # ---- completions
 
     def prompt_ids(self, body: dict[str, Any], chat: bool) -> list[int]:
-        from qlora_guide.deployment import chat_input_ids
-
         tokenizer = self.app.lm.tokenizer
         if chat:
             if "messages" not in body:
@@ -710,8 +705,6 @@ def make_server(
     ``model_name`` is the id clients send as ``model`` (default: the folder
     or model name). ``api_key``, when set, is required as a bearer token.
     """
-    from qlora_guide.deployment import load_any
-
     if max_tokens_limit < 1 or default_max_tokens < 1 or max_body_bytes < 1 or max_queue < 1:
         raise QLoRAGuideError("max_tokens_limit, default_max_tokens, max_body_bytes and max_queue must be positive")
     if not 0 <= port <= 65535:
@@ -748,7 +741,13 @@ def serve(
     quantization: Any = "auto",
     verbose: bool = True,
 ) -> None:
-    """What ``qlora-guide serve`` runs: load, bind, print the address, serve until Ctrl-C."""
+    """What ``qlora-guide serve`` runs: load, bind, print the address, serve until Ctrl-C.
+
+    ``api_key`` defaults to ``$QLORA_GUIDE_API_KEY`` (a key on the command
+    line shows in the process list; one in the environment does not).
+    """
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV) or None
     server = make_server(
         model_ref, host=host, port=port, model_name=model_name, max_tokens_limit=max_tokens_limit,
         max_body_bytes=max_body_bytes, context_length=context_length, api_key=api_key,

@@ -1,0 +1,24 @@
+"""The execution cache of the docs is named after every file the package ships (docs/_ext/package_hash.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "docs" / "_ext"))
+
+from package_hash import package_source_hash  # noqa: E402
+
+
+def test_the_hash_follows_code_recipes_and_bundled_json_but_not_bytecode(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "assets" / "model_configs").mkdir(parents=True)
+    (package / "__pycache__").mkdir()
+    (package / "a.py").write_text("x = 1\n")
+    config = package / "assets" / "model_configs" / "m.json"
+    config.write_text('{"hidden_size": 4096}')
+    first = package_source_hash(package)
+    (package / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    assert package_source_hash(package) == first, "bytecode must not start a fresh cache"
+    config.write_text('{"hidden_size": 5120}')
+    assert package_source_hash(package) != first, "a bundled config feeds the pages' figures"
