@@ -64,12 +64,14 @@ class AnswerOnlyLogits:
         total = answer_token_nll(caught[-1], labels, head=self.head)  # the output layer on labelled positions only
         return total / (num_items if num_items is not None else max(answer_token_count(labels), 1))
 
-    def check(self, model: Any, inputs: dict[str, Any], labels: Any, autocast: Any) -> bool:
+    def check(self, model: Any, inputs: dict[str, Any], labels: Any, autocast: Any,
+              compute_dtype: Any = None) -> bool:
         """Compare with the model's own loss once (eval mode: no dropout); keep the result.
 
         A model whose config transforms its logits (``final_logit_softcapping``,
         ``logit_scale``) keeps the ordinary path without trying. Otherwise the
-        two losses, rounded to the dtype the logits are computed in, must agree
+        two losses, rounded to ``compute_dtype`` (the autocast dtype of the
+        model's forward, where the model's own logits are computed), must agree
         within torch's default tolerance for that dtype: with bf16 logits the two
         paths round differently (the output layer runs on fewer rows), which a
         float32 tolerance would mistake for a transformed loss.
@@ -87,7 +89,7 @@ class AnswerOnlyLogits:
             with torch.no_grad(), autocast():
                 ours = self.loss(model, inputs, labels)
                 output = model(**inputs, labels=labels)
-            dtype = output.logits.dtype
+            dtype = compute_dtype or output.logits.dtype
             torch.testing.assert_close(ours.to(dtype), output.loss.to(dtype))  # the tolerances of dtype
             self.checked = True
         except AssertionError:

@@ -40,7 +40,8 @@ class QLoRATrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        if not head.check(model, inputs, labels, self.autocast_smart_context_manager):
+        autocast_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        if not head.check(model, inputs, labels, self.autocast_smart_context_manager, autocast_dtype):
             return super().compute_loss(model, {**inputs, "labels": labels}, return_outputs, num_items_in_batch)
         loss = head.loss(model, inputs, labels, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
