@@ -53,6 +53,7 @@ from qlora_guide.training.checkpoints import (
     verify_checkpoint,
 )
 from qlora_guide.training.devices import (
+    free_memory,
     fsdp_enabled,
     is_main_process,
     memory_stats,
@@ -71,7 +72,7 @@ from qlora_guide.training.trainer import (
 
 __all__ = [
     "COMPLETE_MARKER", "AnswerOnlyLogits", "QLoRATrainer", "RunState", "TrainResult", "build_model",
-    "check_output_dir", "check_target_modules", "format_train_result", "fsdp_enabled", "initial_eval_loss",
+    "check_output_dir", "check_target_modules", "format_train_result", "free_memory", "fsdp_enabled", "initial_eval_loss",
     "is_complete", "is_main_process", "latest_checkpoint", "make_trainer", "mark_complete", "memory_stats",
     "package_training_arguments", "resolve_precision", "save_adapter", "train", "trainable_parameters",
     "training_arguments", "validation_loss", "verify_checkpoint", "world_size",
