@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch.nn.functional as F
+
 from qlora_guide.data import IGNORE_INDEX
 
 
@@ -30,8 +32,6 @@ def answer_token_nll(outputs: Any, labels: Any, head: Callable[[Any], Any] | Non
     ``t + 1``. Only the labelled positions are kept before the output layer and
     the float32 cast, so the rest costs neither compute nor memory.
     """
-    import torch.nn.functional as F
-
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     selected = outputs[:, :-1][keep]
