@@ -39,6 +39,9 @@ extensions = [
     "sphinx_design",
     "sphinx_copybutton",
     "glue_i18n",
+    "language_outputs",
+    "translated_headings",
+    "original_code",
     "colour_roles",
     "language_switch",
     "notebook_download",
@@ -68,8 +71,14 @@ myst_enable_extensions = [
     "substitution",
 ]
 
+# The cells write their outputs in every language at once (qlora_guide.i18n); the
+# sentences the pages print find their translations here.
+OUTPUT_CATALOGUES = DOCS_DIR / "locales" / "{lang}" / "outputs"
+os.environ["QLORA_GUIDE_CATALOGUES"] = str(OUTPUT_CATALOGUES)
+
 nb_execution_mode = "cache"
-nb_execution_cache_path = str(DOCS_DIR / "_build" / ".jupyter_cache" / package_source_hash(PACKAGE_DIR))
+nb_execution_cache_path = str(DOCS_DIR / "_build" / ".jupyter_cache"
+                              / package_source_hash(PACKAGE_DIR, *(DOCS_DIR / "locales").glob("*/outputs")))
 # Training runs that several pages share (the demo run) live in the same folder,
 # so a change in the package trains them again and old ones are pruned with it.
 os.environ["QLORA_GUIDE_DOCS_RUNS"] = str(Path(nb_execution_cache_path) / "runs")

@@ -101,3 +101,47 @@ def tiny_recipe(tiny_jsonl: Path, tmp_path: Path, embedded_model: Path) -> dict:
         },
         "output": {"dir": str(tmp_path / "run")},
     }
+
+
+def draw_every_figure(lang: str) -> dict:
+    """Every figure of qlora_guide.plots drawn in ``lang`` on small inputs, by function name."""
+    import torch
+
+    from qlora_guide import plots
+    from qlora_guide.memory import compare_methods, sixteen_gb_check
+    from qlora_guide.quantization import error_table, fp4_code, nf4_code
+
+    history = [{"step": 5, "loss": 2.95}, {"step": 10, "loss": 2.45}, {"step": 10, "eval_loss": 2.6},
+               {"step": 10, "eval_loss": 2.55}]
+    answers = {"bf16 base": ["a"], "4-bit base": ["b"], "fine-tuned": ["c"], "reference": [""]}
+    return {
+        "plot_loss_curves": plots.plot_loss_curves(history, lang=lang),
+        "plot_memory_budget": plots.plot_memory_budget(sixteen_gb_check(), lang=lang),
+        "plot_answers_side_by_side": plots.plot_answers_side_by_side(["q?"], answers, lang=lang),
+        "plot_memory_breakdown": plots.plot_memory_breakdown(compare_methods("mistral-7b"), lang=lang),
+        "plot_nf4_codebook": plots.plot_nf4_codebook({"NF4": nf4_code(), "FP4": fp4_code()},
+                                                     samples=torch.randn(2048, generator=torch.Generator().manual_seed(0)).clamp(-2, 2) / 2,
+                                                     normal_std=0.541,
+                                                     lang=lang),
+        "plot_quantization_error": plots.plot_quantization_error(error_table(None, gaussian_size=1 << 12), lang=lang),
+    }
+
+
+def figure_texts(fig) -> list[str]:
+    """Every text a reader sees on a drawn figure: titles, labels, legends, tick labels, annotations."""
+    fig.canvas.draw()  # tick labels exist once the axes are drawn
+    texts = [*fig.texts, *(t for legend in fig.legends for t in legend.get_texts())]
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts,
+                  ax.xaxis.get_offset_text(), ax.yaxis.get_offset_text()]
+        for axis in (ax.xaxis, ax.yaxis):
+            texts += [*axis.get_ticklabels(), *axis.get_ticklabels(minor=True)]
+        if ax.get_legend() is not None:
+            texts += ax.get_legend().get_texts()
+    return [t.get_text() for t in texts if t.get_visible() and t.get_text().strip()]
+
+
+@pytest.fixture(scope="session")
+def french_figures() -> dict:
+    """draw_every_figure("fr"), drawn once for the tests of figures and of terminology."""
+    return draw_every_figure("fr")

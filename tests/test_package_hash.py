@@ -22,3 +22,16 @@ def test_the_hash_follows_code_recipes_and_bundled_json_but_not_bytecode(tmp_pat
     assert package_source_hash(package) == first, "bytecode must not start a fresh cache"
     config.write_text('{"hidden_size": 5120}')
     assert package_source_hash(package) != first, "a bundled config feeds the pages' figures"
+
+
+def test_the_hash_follows_the_catalogues_the_cells_read(tmp_path):
+    package, outputs = tmp_path / "pkg", tmp_path / "outputs"
+    package.mkdir()
+    outputs.mkdir()
+    (package / "a.py").write_text("x = 1\n")
+    catalogue = outputs / "page.yaml"
+    catalogue.write_text("training loss: perte\n")
+    first = package_source_hash(package, outputs)
+    assert package_source_hash(package) != first
+    catalogue.write_text("training loss: perte d'entraînement\n")
+    assert package_source_hash(package, outputs) != first, "a new translation must execute the pages again"

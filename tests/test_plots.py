@@ -1,5 +1,8 @@
 """The guide's figures: each plot function returns a Figure that draws what it was given."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from qlora_guide import plots
@@ -175,3 +178,25 @@ def test_quantization_error_has_one_bar_per_group_and_method():
     assert snr["nf4 (block 64)"] > snr["int4 absmax (block 64)"] > snr["fp4 (block 64)"]
     with pytest.raises(QLoRAGuideError, match="no error measurement"):
         plots.plot_quantization_error([])
+
+
+# --- Every figure in French ---
+
+
+def test_every_figure_is_drawn_in_french_with_french_numbers(french_figures):
+    import yaml
+    from conftest import draw_every_figure, figure_texts
+
+    labels = yaml.safe_load((Path(plots.__file__).parent / "i18n" / "fr.yaml").read_text(encoding="utf-8"))
+    english = {name: figure_texts(fig) for name, fig in draw_every_figure("en").items()}
+    assert set(french_figures) == {name for name in dir(plots) if name.startswith("plot_")}, "a plot is not tested"
+    decimal = re.compile(r"(?<![\w.])\d+\.\d+")  # a number's decimal point, not a version's (v0.1)
+    for name, fig in french_figures.items():
+        french = figure_texts(fig)
+        assert len(french) == len(english[name]), name
+        for en_text, fr_text in zip(english[name], french, strict=True):
+            # no English label is left: each one the catalogue translates differently is gone
+            assert not any(fr_text == en for en, fr in labels.items() if fr != en), f"{name}: {fr_text!r} is English"
+            assert not decimal.search(fr_text), f"{name}: {fr_text!r} has an English decimal point"
+            for number in decimal.findall(en_text):  # each English decimal is there, with a comma
+                assert number.replace(".", ",") in fr_text.replace("\u2212", "-"), f"{name}: {en_text!r} -> {fr_text!r}"

@@ -6,12 +6,27 @@ has none of the page's notebook outputs, so the role finds nothing there. In
 that case these roles fall back to myst-nb's cross-document form,
 ``{glue:text}`/page.md::key:.1f` ``, which reads the outputs that the page
 wrote to the build folder. Translators can then copy the role unchanged.
+
+A pasted number is written in the page's language: ``74.2`` on the English
+site, ``74,2`` on the French one (:func:`qlora_guide.i18n.localise_numbers`,
+the same conventions as the localised cell outputs). A pasted value that
+still reads as an English number on a translated page is a build warning.
 """
 
 from __future__ import annotations
 
+import re
+
+from docutils import nodes
 from myst_nb.core.variables import is_sphinx
 from myst_nb.ext.glue.roles import PasteRoleAny, PasteTextRole
+from sphinx.transforms.post_transforms import SphinxPostTransform
+from sphinx.util import logging
+
+from qlora_guide.i18n import localise_numbers
+
+logger = logging.getLogger(__name__)
+ENGLISH_DECIMAL = re.compile(r"\d\.\d")
 
 
 def _needs_fallback(role) -> bool:
@@ -44,6 +59,22 @@ class LocalisedPasteTextRole(PasteTextRole):
         return super().run()
 
 
+class LocalisePastedNumbers(SphinxPostTransform):
+    """Write the numbers of every pasted value in the build's language."""
+
+    default_priority = 6  # after myst-nb resolved the cross-document glue references (5)
+
+    def run(self, **kwargs) -> None:
+        lang = self.config.language or "en"
+        for node in list(self.document.findall(nodes.inline)):
+            if "pasted-text" not in node.get("classes", []):
+                continue
+            text = localise_numbers(node.astext(), lang)
+            if lang != "en" and ENGLISH_DECIMAL.search(text):
+                logger.warning("pasted value %r is still written as an English number", text, location=node)
+            node.children = [nodes.Text(text)]
+
+
 def setup(app):
     """Replace the glue roles registered by myst-nb (load after myst_nb)."""
     app.setup_extension("myst_nb")
@@ -54,4 +85,5 @@ def setup(app):
         ("text", LocalisedPasteTextRole()),
     ):
         app.add_role_to_domain("glue", name, role, override=True)
+    app.add_post_transform(LocalisePastedNumbers)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -20,13 +20,17 @@ def package_files(package_dir: Path) -> list[Path]:
     )
 
 
-def package_source_hash(package_dir: Path, length: int = 12) -> str:
-    """sha256 over the names and bytes of every file of the package."""
-    files = package_files(package_dir)
+def package_source_hash(package_dir: Path, *more: Path, length: int = 12) -> str:
+    """sha256 over the names and bytes of every file of the package, and of the folders in ``more``.
+
+    ``more`` holds what else the executions read: the docs pass the catalogues
+    of their outputs' translations, which the cells read when they run.
+    """
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(package_dir).as_posix().encode())
-        digest.update(b"\0")
-        digest.update(path.read_bytes())
-        digest.update(b"\0")
+    for folder in (package_dir, *more):
+        for path in package_files(folder):
+            digest.update(f"{folder.name}/{path.relative_to(folder).as_posix()}".encode())
+            digest.update(b"\0")
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
     return digest.hexdigest()[:length]

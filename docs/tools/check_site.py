@@ -13,7 +13,10 @@ It serves the site on 127.0.0.1 and checks, in both languages:
 * code cells have a copy button, outputs do not;
 * images load, internal links lead to existing files;
 * the browser console shows no error;
-* the French pages are not, for the most part, the English text.
+* the French pages are not, for the most part, the English text;
+* a French page reads French: its figures are the French drawings, no number
+  outside code is written the English way (3.14), and its table of contents
+  and headings are not the English ones (names and code aside).
 
 It saves screenshots of a few pages and exits with 1 and one line per failure.
 Chromium comes from the system (``apt-get install chromium``); Playwright's own
@@ -54,6 +57,12 @@ CHROMIUM_FLAGS = [
 # failed request or console error is reported.
 EXPECTED_OFFLINE_FAILURES = ("mathjax",)
 SCREENSHOT_PAGES = ("index.html", "glossary.html")
+# Translated pages whose first figure is kept as a screenshot, to see what a French reader sees.
+FIGURE_SCREENSHOT_PAGES = ("part1/training.html", "part2/qlora-architecture.html")
+TERMINOLOGY = DOCS / "locales" / "{language}" / "terminology.yaml"
+# The article's headings and the entries of its table of contents ("On this page").
+HEADINGS_JS = """() => [...document.querySelectorAll('article h1, article h2, article h3, .bd-toc-nav a')]
+    .map((e) => e.innerText.replace(/[#¶]/g, '').trim()).filter((t) => t)"""
 MIN_CONTRAST = 4.5  # WCAG AA for normal text
 SOURCE_LANGUAGE = "en"
 MIN_TRANSLATED_LENGTH = 40  # characters: shorter paragraphs may well read the same in both languages
@@ -117,6 +126,7 @@ class Checker:
         self.screenshots = screenshots
         self.failures: list[str] = []
         self.paragraphs: dict[tuple[str, str], list[str]] = {}  # (language, path) -> prose
+        self.headings: dict[tuple[str, str], list[str]] = {}  # (language, path) -> headings and TOC entries
 
     def fail(self, message: str) -> None:
         """Record one failure (once, however many times it is seen)."""
@@ -306,6 +316,60 @@ class Checker:
                     f"(first: {same[0][:60]!r})"
                 )
 
+    def check_reads_translated(self, language: str, path: str, page) -> None:
+        """A translated page shows its figures in its language and no English-formatted number outside code."""
+        label = f"{language}/{path}"
+        figures = page.evaluate(
+            """() => [...document.querySelectorAll('article div.cell_output img')].map(
+                (img) => ({lang: img.getAttribute('lang'), alt: img.getAttribute('alt') || ''}))"""
+        )
+        for figure in figures:
+            if figure["lang"] != language:
+                self.fail(f"{label}: a figure drawn in {figure['lang'] or 'English'} ({figure['alt'][:50]!r})")
+        numbers = page.evaluate(
+            r"""() => {
+                const skip = 'pre, code, script, style, .math, mjx-container, .cell_input, .highlight, [lang="en"]';
+                const walker = document.createTreeWalker(document.querySelector('article'), NodeFilter.SHOW_TEXT);
+                const found = [];
+                for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+                    if (node.parentElement.closest(skip)) continue;
+                    const match = node.textContent.match(/(^|[^\w.])\d+\.\d+(?![\w.])/);
+                    if (match) found.push(node.textContent.trim().slice(0, 80));
+                }
+                return found;
+            }"""
+        )
+        for text in numbers:
+            self.fail(f"{label}: an English-formatted number outside code: {text!r}")
+
+    def check_headings_translated(self) -> None:
+        """No heading or table-of-contents entry of a translated page is the English one, unless names or code."""
+        import re
+
+        import yaml
+
+        for (language, path), headings in self.headings.items():
+            if language == SOURCE_LANGUAGE:
+                continue
+            terminology = Path(str(TERMINOLOGY).format(language=language))
+            data = yaml.safe_load(terminology.read_text(encoding="utf-8")) if terminology.is_file() else {}
+            names = {w.lower() for name in (data or {}).get("names", []) for w in re.findall(r"\w+", name)}
+            english = set(self.headings.get((SOURCE_LANGUAGE, path), []))
+            for heading in headings:
+                words = {w.lower() for w in re.findall(r"[^\W\d_]+", heading)}
+                if heading in english and words - names:
+                    self.fail(f"{language}/{path}: heading or contents entry {heading!r} is the English one")
+
+    def screenshot_first_figure(self, language: str, path: str, page) -> None:
+        """Keep a screenshot of the page's first figure with the text above it."""
+        figure = page.locator("article div.cell_output:has(img)").first
+        if figure.count() == 0:
+            self.fail(f"{language}/{path}: no figure to screenshot")
+            return
+        figure.scroll_into_view_if_needed()
+        name = f"{language}-{path.replace('/', '-').removesuffix('.html')}-figure.png"
+        figure.screenshot(path=str(self.screenshots / name))
+
     def check_pages(self, language: str, color_scheme: str) -> dict[str, dict]:
         """Run the per-page checks on every page of one language, in one colour scheme."""
         page = self.new_page(locale="fr-FR" if language == "fr" else "en-US", color_scheme=color_scheme)
@@ -326,6 +390,11 @@ class Checker:
                     self.check_copy_buttons(label, page)
                     self.check_images(label, page)
                     self.check_internal_links(label, page)
+                    self.headings[(language, path)] = page.evaluate(HEADINGS_JS)
+                    if language != SOURCE_LANGUAGE:
+                        self.check_reads_translated(language, path, page)
+                    if path in FIGURE_SCREENSHOT_PAGES:
+                        self.screenshot_first_figure(language, path, page)
                 if path in SCREENSHOT_PAGES:
                     name = f"{language}-{Path(path).stem}-{color_scheme}.png"
                     page.screenshot(path=str(self.screenshots / name), full_page=path == "index.html")
@@ -355,6 +424,7 @@ def check_site(site: Path = SITE, screenshots: Path = SCREENSHOTS, chromium: Pat
                 for color_scheme in ("light", "dark"):
                     checker.check_pages(language, color_scheme)
             checker.check_translated()
+            checker.check_headings_translated()
         finally:
             browser.close()
     return checker.failures
