@@ -326,34 +326,44 @@ class Checker:
         for figure in figures:
             if figure["lang"] != language:
                 self.fail(f"{label}: a figure drawn in {figure['lang'] or 'English'} ({figure['alt'][:50]!r})")
+        versioned = self.terminology(language).get("versioned", [])
         numbers = page.evaluate(
-            r"""() => {
+            """(versioned) => {
                 const skip = 'pre, code, script, style, .math, mjx-container, .cell_input, .highlight, [lang="en"]';
+                const version = new RegExp('(' + versioned.join('|') + ')[: ]?$', 'i');
                 const walker = document.createTreeWalker(document.querySelector('article'), NodeFilter.SHOW_TEXT);
                 const found = [];
                 for (let node = walker.nextNode(); node; node = walker.nextNode()) {
                     if (node.parentElement.closest(skip)) continue;
-                    const match = node.textContent.match(/(^|[^\w.])\d+\.\d+(?![\w.])/);
-                    if (match) found.push(node.textContent.trim().slice(0, 80));
+                    const text = node.textContent;
+                    for (const match of text.matchAll(/(?<![\\w.])\\d+\\.\\d[\\d.]*(?!\\w)/g)) {
+                        const isVersion = match[0].split('.').length > 2 || version.test(text.slice(0, match.index));
+                        if (!isVersion) { found.push(text.trim().slice(0, 80)); break; }
+                    }
                 }
                 return found;
-            }"""
+            }""",
+            versioned,
         )
         for text in numbers:
             self.fail(f"{label}: an English-formatted number outside code: {text!r}")
+
+    @staticmethod
+    def terminology(language: str) -> dict:
+        """The language's terminology file (names that stay as they are, versioned software), {} if none."""
+        import yaml
+
+        path = Path(str(TERMINOLOGY).format(language=language))
+        return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
 
     def check_headings_translated(self) -> None:
         """No heading or table-of-contents entry of a translated page is the English one, unless names or code."""
         import re
 
-        import yaml
-
         for (language, path), headings in self.headings.items():
             if language == SOURCE_LANGUAGE:
                 continue
-            terminology = Path(str(TERMINOLOGY).format(language=language))
-            data = yaml.safe_load(terminology.read_text(encoding="utf-8")) if terminology.is_file() else {}
-            names = {w.lower() for name in (data or {}).get("names", []) for w in re.findall(r"\w+", name)}
+            names = {w.lower() for name in self.terminology(language).get("names", []) for w in re.findall(r"\w+", name)}
             english = set(self.headings.get((SOURCE_LANGUAGE, path), []))
             for heading in headings:
                 words = {w.lower() for w in re.findall(r"[^\W\d_]+", heading)}
