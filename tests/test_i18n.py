@@ -97,6 +97,17 @@ def test_say_translates_the_template_and_localises_only_its_numbers(catalogues):
     assert _text(select(out._repr_html_(), "fr")) == f"torch.float32\u00a0: 1234,50{NNBSP}Gio, 25,0{NNBSP}% du total"
 
 
+def test_booleans_read_yes_or_no_in_each_language(catalogues):
+    (catalogues / "page.yaml").write_text('"fits in 48 GiB: {fits}": "tient dans 48\\u202fGio\\u00a0: {fits}"\n',
+                                          encoding="utf-8")
+    out = say("fits in 48 GiB: {fits}", fits=True)
+    assert _text(select(out._repr_html_(), "en")) == "fits in 48 GiB: yes"
+    assert _text(select(out._repr_html_(), "fr")) == f"tient dans 48{NNBSP}Gio\u00a0: oui"
+    (catalogues / "table.yaml").write_text("fits: tient\n", encoding="utf-8")
+    catalogue_module._load.cache_clear()
+    assert list(localise_table(pd.DataFrame({"fits": [True, False]}), "fr")["tient"]) == ["oui", "non"]
+
+
 def test_select_keeps_one_language_and_ignores_other_html():
     markup = "<!--qg:en--><b>one</b><!--/qg:en--><!--qg:fr--><b>un</b><!--/qg:fr-->"
     assert select(markup, "en") == "<b>one</b>"
@@ -121,6 +132,11 @@ def test_a_table_s_labels_are_translated_and_its_numbers_keep_pandas_precision(c
     assert list(french["perplexité"]) == [e.replace(".", ",") for e in english]
     assert list(french["dtype"]) == ["bfloat16", "nf4"]  # data that is no label stays as it is
     assert localise_table(table, "en") is table
+    settings = pd.Series({"lora_dropout": 0.05, "use_dora": False, "target_modules": "all-linear"}, name="value")
+    (catalogues / "settings.yaml").write_text("value: valeur\nlora_dropout: lora_dropout\nuse_dora: use_dora\n"
+                                             "target_modules: target_modules\n", encoding="utf-8")
+    catalogue_module._load.cache_clear()
+    assert list(localise_table(settings, "fr")) == ["0,05", "non", "all-linear"]  # a column of mixed values
 
 
 def test_show_calls_a_function_once_per_language_and_draws_french_figures():

@@ -46,7 +46,9 @@ def french_texts() -> list[tuple[str, str]]:
         texts += [(po.relative_to(REPO).as_posix(), m.string) for m in catalog if m.id and m.string]
     for path in [REPO / "qlora_guide" / "i18n" / "fr.yaml", *sorted((FRENCH / "outputs").glob("*.yaml"))]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        texts += [(path.relative_to(REPO).as_posix(), value) for value in data.values()]
+        # a template's {fields} are code: the values that fill them are checked where they are written
+        texts += [(path.relative_to(REPO).as_posix(), re.sub(r"\{[\w.]*(?::[^{}]*)?\}", " ", value))
+                  for value in data.values()]
     return texts
 
 

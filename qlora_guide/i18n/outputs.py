@@ -54,12 +54,15 @@ def select(markup: str, lang: str) -> str | None:
 
 
 class _NumberFormatter(string.Formatter):
-    """``str.format`` that writes numbers in a language's conventions and leaves everything else as it is."""
+    """``str.format`` that writes numbers in a language's conventions, booleans as yes or no in its words,
+    and everything else as it is."""
 
     def __init__(self, lang: str):
         self.lang = lang
 
     def format_field(self, value: Any, format_spec: str) -> str:
+        if isinstance(value, bool) and not format_spec:
+            return translate("yes" if value else "no", self.lang)
         text = super().format_field(value, format_spec)
         if isinstance(value, numbers.Number) and not isinstance(value, bool):
             return localise_numbers(text, self.lang)
@@ -117,13 +120,25 @@ def _labels(index: Any, lang: str) -> Any:
 
 
 def _cells(values: Any, lang: str, known: dict[str, str]) -> list[Any]:
-    """One column's cells in ``lang``: numbers as pandas prints the column, localised; known words translated."""
+    """One column's cells in ``lang``: numbers as pandas prints the column, localised; booleans as yes or no;
+    known words translated."""
     import pandas as pd
 
-    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+    if pd.api.types.is_bool_dtype(values):
+        return [translate("yes" if v else "no", lang) for v in values]
+    if pd.api.types.is_numeric_dtype(values):
         printed = values.to_string(index=False, header=False).splitlines()
         return [localise_numbers(cell.strip(), lang) for cell in printed]
-    return [known.get(v, v) if isinstance(v, str) else v for v in values]
+    return [_cell(v, lang, known) for v in values]
+
+
+def _cell(value: Any, lang: str, known: dict[str, str]) -> Any:
+    """One cell of a column of mixed values (a recipe's settings): each kind written as :func:`_cells` writes it."""
+    if isinstance(value, bool):
+        return translate("yes" if value else "no", lang)
+    if isinstance(value, numbers.Number):
+        return localise_numbers(str(value), lang)
+    return known.get(value, value) if isinstance(value, str) else value
 
 
 def localise_table(table: Any, lang: str) -> Any:
