@@ -59,7 +59,7 @@ def test_format_number_refuses_what_is_not_a_number():
 
 
 def test_translate_is_strict_and_names_the_missing_text(catalogues):
-    assert translate("training loss", "fr") == "perte d'entraînement"  # the package's own catalogue
+    assert translate("training loss", "fr") == "perte d\u2019entraînement"  # the package's, typeset as the prose
     assert translate("no such label", "en") == "no such label"  # English reads no catalogue
     with pytest.raises(MissingTranslation, match="no fr text for 'no such label': add it to one of .*fr.yaml"):
         translate("no such label", "fr")
@@ -152,7 +152,7 @@ def test_show_calls_a_function_once_per_language_and_draws_french_figures():
     assert calls == ["en", "fr"]
     english, french = select(out._repr_html_(), "en"), select(out._repr_html_(), "fr")
     assert 'alt="Training and validation loss"' in english and 'lang="en"' in english
-    assert 'alt="Perte d&#x27;entraînement et de validation"' in french and 'lang="fr"' in french
+    assert 'alt="Perte d\u2019entraînement et de validation"' in french and 'lang="fr"' in french
     assert english.count("data:image/png;base64,") == french.count("data:image/png;base64,") == 1
 
 

@@ -60,6 +60,8 @@ SCREENSHOT_PAGES = ("index.html", "glossary.html")
 # Translated pages whose first figure is kept as a screenshot, to see what a French reader sees.
 FIGURE_SCREENSHOT_PAGES = ("part1/training.html", "part2/qlora-architecture.html")
 TERMINOLOGY = DOCS / "locales" / "{language}" / "terminology.yaml"
+# Pages Sphinx writes itself, in its own words for each language.
+GENERATED_PAGES = ("genindex.html", "search.html")
 # The article's headings and the entries of its table of contents ("On this page").
 HEADINGS_JS = """() => [...document.querySelectorAll('article h1, article h2, article h3, .bd-toc-nav a')]
     .map((e) => e.innerText.replace(/[#¶]/g, '').trim()).filter((t) => t)"""
@@ -331,15 +333,21 @@ class Checker:
             """(versioned) => {
                 const skip = 'pre, code, script, style, .math, mjx-container, .cell_input, .highlight, [lang="en"]';
                 const version = new RegExp('(' + versioned.join('|') + ')[: ]?$', 'i');
-                const walker = document.createTreeWalker(document.querySelector('article'), NodeFilter.SHOW_TEXT);
+                const article = document.querySelector('article');
                 const found = [];
+                if (!article) return found;  // the search page and the index have no article
+                const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);
+                let before = '';  // the text just before this node: "CUDA" and " 11.7" may be two nodes
                 for (let node = walker.nextNode(); node; node = walker.nextNode()) {
-                    if (node.parentElement.closest(skip)) continue;
                     const text = node.textContent;
-                    for (const match of text.matchAll(/(?<![\\w.])\\d+\\.\\d[\\d.]*(?!\\w)/g)) {
-                        const isVersion = match[0].split('.').length > 2 || version.test(text.slice(0, match.index));
-                        if (!isVersion) { found.push(text.trim().slice(0, 80)); break; }
+                    if (!node.parentElement.closest(skip)) {
+                        for (const match of text.matchAll(/(?<![\\w.])\\d+\\.\\d[\\d.]*(?!\\w)/g)) {
+                            const context = before + text.slice(0, match.index);
+                            const isVersion = match[0].split('.').length > 2 || version.test(context);
+                            if (!isVersion) { found.push(text.trim().slice(0, 80)); break; }
+                        }
                     }
+                    before = (before + text).slice(-40);
                 }
                 return found;
             }""",
@@ -361,7 +369,7 @@ class Checker:
         import re
 
         for (language, path), headings in self.headings.items():
-            if language == SOURCE_LANGUAGE:
+            if language == SOURCE_LANGUAGE or path in GENERATED_PAGES:
                 continue
             names = {w.lower() for name in self.terminology(language).get("names", []) for w in re.findall(r"\w+", name)}
             english = set(self.headings.get((SOURCE_LANGUAGE, path), []))
@@ -371,14 +379,14 @@ class Checker:
                     self.fail(f"{language}/{path}: heading or contents entry {heading!r} is the English one")
 
     def screenshot_first_figure(self, language: str, path: str, page) -> None:
-        """Keep a screenshot of the page's first figure with the text above it."""
+        """Keep a screenshot of the window around the page's first figure: its text, the contents, the figure."""
         figure = page.locator("article div.cell_output:has(img)").first
         if figure.count() == 0:
             self.fail(f"{language}/{path}: no figure to screenshot")
             return
-        figure.scroll_into_view_if_needed()
+        figure.evaluate("(element) => element.scrollIntoView({block: 'center'})")
         name = f"{language}-{path.replace('/', '-').removesuffix('.html')}-figure.png"
-        figure.screenshot(path=str(self.screenshots / name))
+        page.screenshot(path=str(self.screenshots / name))  # the window: contents, prose and the figure
 
     def check_pages(self, language: str, color_scheme: str) -> dict[str, dict]:
         """Run the per-page checks on every page of one language, in one colour scheme."""

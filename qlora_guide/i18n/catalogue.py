@@ -15,6 +15,7 @@ unnoticed. English is the source language and reads no file.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -66,6 +67,11 @@ def catalogue(lang: str) -> dict[str, str]:
     return _load(tuple(p for p in catalogue_files(lang) if p.is_file()))
 
 
+def typeset(text: str, lang: str) -> str:
+    """What Sphinx's smart quotes do to the prose, for text drawn or printed: in French, l'adaptateur -> l’adaptateur."""
+    return re.sub(r"(?<=\w)'(?=\w)", "\u2019", text) if lang == "fr" else text
+
+
 def translate(text: str, lang: str = "en", strict: bool = True) -> str:
     """``text`` (English) in ``lang``.
 
@@ -77,7 +83,7 @@ def translate(text: str, lang: str = "en", strict: bool = True) -> str:
         return text
     table = catalogue(lang)
     try:
-        return table[text]
+        return typeset(table[text], lang)
     except KeyError:
         if not strict:
             return text
