@@ -14,10 +14,21 @@ One concept per module:
   of the package (:func:`generate_ids`), streamed answers and the chat loop
   (:func:`chat_input_ids`, :func:`sampling_kwargs`, :func:`stream_generate`,
   :func:`generate`, :func:`chat`).
+* :mod:`~qlora_guide.deployment.export`: ``qlora-guide export``, one module
+  per file format beside it; :mod:`~qlora_guide.deployment.gguf_export` writes
+  the merged model as a GGUF file for llama.cpp and Ollama and reads it back
+  with transformers to check it (:func:`export_gguf`, :class:`GGUFExport`).
 * :mod:`~qlora_guide.deployment.inspection`: what a run, adapter or merged
   folder holds (:func:`info`, :func:`format_info`).
 * :mod:`~qlora_guide.deployment.serving`: an OpenAI-compatible HTTP server
-  (``from qlora_guide.deployment import serving``; not imported here).
+  on FastAPI and uvicorn (``from qlora_guide.deployment import serving``; not
+  imported here, nor are fastapi and uvicorn). Its parts: the request and
+  response bodies (:mod:`~qlora_guide.deployment.api_types`), OpenAI's error
+  bodies (:mod:`~qlora_guide.deployment.api_errors`), the body checks before
+  parsing (:mod:`~qlora_guide.deployment.http_guards`), the model and its
+  limits (:mod:`~qlora_guide.deployment.served_model`), the one worker that
+  owns the model (:mod:`~qlora_guide.deployment.engine`) and the token ids
+  turned into text (:mod:`~qlora_guide.deployment.detokenize`).
 
 Where a run folder keeps its files is :mod:`qlora_guide.runs`.
 
@@ -28,6 +39,7 @@ any of them into a :class:`LoadedModel` that :func:`generate`, :func:`chat`,
 the server and the evaluation share.
 """
 
+from qlora_guide.deployment.export import export
 from qlora_guide.deployment.generation import (
     CHAT_HELP,
     FirstTokenClock,
@@ -41,6 +53,7 @@ from qlora_guide.deployment.generation import (
     sampling_kwargs,
     stream_generate,
 )
+from qlora_guide.deployment.gguf_export import GGUFExport, export_gguf, format_gguf_export
 from qlora_guide.deployment.inspection import format_info, info
 from qlora_guide.deployment.loading import (
     ADAPTER_CONFIG,
@@ -85,6 +98,7 @@ __all__ = [
     "MERGE_EXPLANATION",
     "PICKLED_WEIGHTS",
     "FirstTokenClock",
+    "GGUFExport",
     "LoadedModel",
     "MergeResult",
     "StopWhenSet",
@@ -93,8 +107,11 @@ __all__ = [
     "canonical_model_name",
     "chat",
     "chat_input_ids",
+    "export",
+    "export_gguf",
     "check_adapter_dir",
     "find_adapter_dir",
+    "format_gguf_export",
     "format_info",
     "format_merge_result",
     "generate",

@@ -157,7 +157,7 @@ MERGE_EXPLANATION = (
 )
 
 
-def _parity_inputs(tokenizer: Any, prompts: tuple[str, ...] | list[str]) -> list[Any]:
+def parity_inputs(tokenizer: Any, prompts: tuple[str, ...] | list[str]) -> list[Any]:
     """Chat-formatted token ids of a few prompts, for logit and generation parity checks."""
     return [chat_input_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
 
@@ -171,12 +171,12 @@ def _logits(model: Any, inputs: list[Any]) -> list[Any]:
         return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in inputs]
 
 
-def _outputs(model: Any, inputs: list[Any], max_new_tokens: int) -> dict[str, list[Any]]:
+def model_outputs(model: Any, inputs: list[Any], max_new_tokens: int) -> dict[str, list[Any]]:
     """What parity compares: the logits of each input and its greedy continuation."""
     return {"logits": _logits(model, inputs), "greedy": [greedy_ids(model, ids, max_new_tokens) for ids in inputs]}
 
 
-def _compare(reference: dict[str, list[Any]], candidate: dict[str, list[Any]]) -> dict[str, Any]:
+def compare_outputs(reference: dict[str, list[Any]], candidate: dict[str, list[Any]]) -> dict[str, Any]:
     """Max and mean absolute logit difference, and whether greedy answers agree token for token."""
     diffs = [(a - b).abs() for a, b in zip(reference["logits"], candidate["logits"], strict=True)]
     agree = [a == b for a, b in zip(reference["greedy"], candidate["greedy"], strict=True)]
@@ -237,7 +237,7 @@ def merge_adapter(
     base_name = adapter_base(folder)
     quantization = training_quantization(folder)
     tokenizer = load_tokenizer_for(folder if (folder / "tokenizer_config.json").is_file() else folder.parent, base_name)
-    inputs = _parity_inputs(tokenizer, parity_prompts) if check_parity else []
+    inputs = parity_inputs(tokenizer, parity_prompts) if check_parity else []
     stage = progress.Stages("merge", 4 + 2 * check_parity)
     stage("loading the base")
     quantized = None
@@ -272,8 +272,8 @@ def merge_adapter(
             adapter_model = load_adapter_model(folder, quantization=None, dtype="float32")
         else:
             adapter_model = load_adapter_model(folder, base_model=quantized)
-        reference = _outputs(adapter_model, inputs, parity_tokens)
-        parity = _compare(reference, _outputs(merged, inputs, parity_tokens))
+        reference = model_outputs(adapter_model, inputs, parity_tokens)
+        parity = compare_outputs(reference, model_outputs(merged, inputs, parity_tokens))
         if floor is not None:
             with adapter_model.disable_adapter():
                 base_4bit = _logits(adapter_model, inputs)
@@ -286,7 +286,7 @@ def merge_adapter(
         if compare_naive and naive_wanted:
             original = load_model(base_name, dtype="float32")
             naive_model = load_adapter_model(folder, base_model=original).merge_and_unload()
-            naive = _compare(reference, _outputs(naive_model, inputs, parity_tokens))
+            naive = compare_outputs(reference, model_outputs(naive_model, inputs, parity_tokens))
             del naive_model, original
     del unmerged
     gc.collect()
