@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
+import struct
+import time
+import types
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +17,7 @@ import pytest
 import requests
 
 from qlora_guide import deployment
+from qlora_guide.deployment import serving
 from qlora_guide.deployment.serving import TextAssembler, make_server
 from qlora_guide.errors import QLoRAGuideError
 
@@ -241,20 +246,25 @@ def test_http_level_errors_and_the_server_survives(server, client):
     assert_error(requests.delete(server.url + "/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30), 405, "method_not_allowed")
     assert_error(requests.get(server.url + "/models/gpt-4", headers={"Authorization": f"Bearer {KEY}"}, timeout=30), 404, "model_not_found")
 
-    def raw(headers: dict[str, str], body: bytes = b"") -> tuple[int, dict]:
+    def raw(headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
         connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
         connection.putrequest("POST", "/v1/chat/completions", skip_accept_encoding=True)
         for name, value in {"Authorization": f"Bearer {KEY}", **headers}.items():
             connection.putheader(name, value)
         connection.endheaders(body or None)
         response = connection.getresponse()
-        result = response.status, json.loads(response.read())
+        result = response.status, response.read()
         connection.close()
         return result
 
-    assert raw({})[0] == 411  # no Content-Length
-    assert raw({"Transfer-Encoding": "chunked"}, b"2\r\n{}\r\n0\r\n\r\n")[0] == 411
-    assert raw({"Content-Length": "-4"})[0] == 400
+    status, body = raw({})  # no Content-Length: an empty body
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_json"
+    status, body = raw({"Transfer-Encoding": "chunked"}, b"2\r\n{}\r\n0\r\n\r\n")  # chunked bodies are read, and checked
+    assert status == 400 and json.loads(body)["error"]["code"] == "missing_required_parameter"
+    big = b" " * (70 * 1024)
+    status, body = raw({"Transfer-Encoding": "chunked"}, b"%x\r\n%s\r\n0\r\n\r\n" % (len(big), big))
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+    assert raw({"Content-Length": "-4"})[0] == 400  # refused by the HTTP server itself
     assert raw({"Content-Length": "abc"})[0] == 400
 
     # after all that, the server still answers, on a fresh connection and on a kept-alive one
@@ -294,6 +304,190 @@ def test_a_client_that_leaves_mid_stream_does_not_block_the_others(server, clien
         assert received.startswith(b"HTTP/1.1 200")
     answer = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0)
     assert answer.choices[0].message.content
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_the_key_compared_in_constant_time(server, monkeypatch):
+    compared = []
+    real = serving.hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(serving.hmac, "compare_digest", spy)
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        response = requests.get(server.url + "/models", headers={"Authorization": f"{scheme} {KEY}"}, timeout=30)
+        assert response.status_code == 200, response.text
+    assert_error(requests.get(server.url + "/models", headers={"Authorization": f"Basic {KEY}"}, timeout=30), 401, "invalid_api_key")
+    assert_error(requests.get(server.url + "/models", headers={"Authorization": "bearer"}, timeout=30), 401, "invalid_api_key")
+    assert len(compared) >= 4 and all(b == KEY.encode() for _, b in compared)
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        ("/chat/completions", {"temperature": -0.5}, "temperature"),
+        ("/chat/completions", {"temperature": 2.5}, "temperature"),
+        ("/chat/completions", {"top_p": 1.5}, "top_p"),
+        ("/chat/completions", {"top_p": -0.1}, "top_p"),
+        ("/chat/completions", {"temperature": True}, "temperature"),
+        ("/chat/completions", {"seed": "x"}, "seed"),
+        ("/completions", {"temperature": -1}, "temperature"),
+        ("/completions", {"top_p": 0}, "top_p"),
+    ],
+)
+def test_out_of_range_sampling_is_a_400_not_a_500(server, path, extra, param):
+    body = {**GOOD, **extra} if path == "/chat/completions" else {"model": MODEL, "prompt": "Hi", "max_tokens": 2, **extra}
+    error = assert_error(post(server, path, body), 400, param=param)
+    assert error["code"] in ("invalid_value", "invalid_type") and param in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "data"),
+    [
+        ("text/plain", json.dumps(GOOD)),
+        ("application/x-www-form-urlencoded", "model=smollm2-135m&max_tokens=2"),
+        ("multipart/form-data; boundary=x", "--x--"),
+    ],
+)
+def test_a_body_that_is_not_json_is_refused(server, content_type, data):
+    response = requests.post(server.url + "/chat/completions", data=data.encode(),
+                             headers={"Content-Type": content_type, "Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert_error(response, 415, "unsupported_media_type")
+    ok = requests.post(server.url + "/chat/completions", data=json.dumps(GOOD).encode(),
+                       headers={"Content-Type": "application/json; charset=utf-8", "Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+def test_validation_errors_are_openai_400s_never_fastapi_422s(server):
+    for body in ({**GOOD, "messages": [{"role": "user"}]}, {**GOOD, "stream_options": {"include_usage": "yes"}, "stream": True}):
+        response = post(server, "/chat/completions", body)
+        assert response.status_code == 400 and "detail" not in response.json()
+        assert_error(response, 400)
+    assert_error(post(server, "/chat/completions", {**GOOD, "messages": [{"role": "user"}]}), 400, param="messages[0].content")
+
+
+@pytest.mark.parametrize(("host", "warns"), [
+    ("127.0.0.1", False), ("127.0.0.2", False), ("::1", False), ("localhost", False), ("0.0.0.0", True), ("192.168.1.7", True),
+])
+def test_the_network_warning_fires_only_off_loopback(monkeypatch, capsys, host, warns):
+    class FakeServer:
+        app = types.SimpleNamespace(lm=types.SimpleNamespace(kind="base", quantized=False), model_id=MODEL)
+        url = "http://x/v1"
+
+        def __init__(self, bound):
+            self.host = bound
+
+        def serve_forever(self):
+            raise KeyboardInterrupt
+
+        def close(self):
+            pass
+
+    bound = {"localhost": "127.0.0.1"}.get(host, host)
+    monkeypatch.setattr(serving, "make_server", lambda *a, **k: FakeServer(bound))
+    serving.serve("unused", host=host, api_key="k")
+    assert ("warning: listening on" in capsys.readouterr().err) is warns
+    assert serving.is_loopback(host) is not warns
+
+
+def leave_mid_stream(srv, body):
+    """Send a streamed request on a raw socket, read until the first event, and hang up."""
+    data = json.dumps({**body, "stream": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode()
+    with socket.create_connection((srv.host, srv.port), timeout=60) as sock:
+        sock.sendall(head + data)
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += sock.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200")
+        assert srv.app.engine.busy, "the long generation is under way when the client leaves"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_whose_client_leaves_is_cancelled(lm, monkeypatch, stream):
+    from qlora_guide.deployment import engine
+
+    tokens = []
+    real_put = engine.JobStreamer.put
+
+    def counting_put(self, value):
+        if self.prompt_seen:
+            tokens.extend(value.reshape(-1).tolist())
+        real_put(self, value)
+
+    monkeypatch.setattr(engine.JobStreamer, "put", counting_put)
+    with make_server(lm, max_tokens_limit=4000, context_length=4096) as srv:
+        srv.start()
+        body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 4000, "temperature": 0}
+        if stream:
+            leave_mid_stream(srv, body)
+        else:
+            with pytest.raises(requests.exceptions.ReadTimeout):
+                requests.post(srv.url + "/completions", json=body, timeout=3)
+            assert srv.app.engine.busy, "the long generation is under way when the client leaves"
+        assert tokens
+        at_leave = len(tokens)
+        deadline = time.monotonic() + 20
+        while srv.app.engine.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not srv.app.engine.busy, "the generation of a client that left goes on"
+        assert len(tokens) < 4000 and tokens[-1] not in srv.app.eos_ids  # cut short, not ended by itself
+        assert len(tokens) - at_leave < 100, "the generation stops within a few tokens"
+        started = time.monotonic()
+        answer = requests.post(srv.url + "/completions", json={**body, "max_tokens": 4}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 4
+        assert time.monotonic() - started < 15
+
+
+def test_a_full_queue_is_a_503_before_any_work(lm):
+    with make_server(lm, max_tokens_limit=4000, context_length=4096, max_queue=1) as srv:
+        srv.start()
+        long = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 4000, "temperature": 0}
+        data = json.dumps({**long, "stream": True}).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n").encode()
+        with socket.create_connection((srv.host, srv.port), timeout=60) as running, ThreadPoolExecutor(1) as pool:
+            running.sendall(head + data)
+            while b"data: " not in running.recv(4096):
+                pass
+            waiting = pool.submit(requests.post, srv.url + "/completions", json={**long, "max_tokens": 3}, timeout=120)
+            deadline = time.monotonic() + 30
+            while srv.app.engine.waiting < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            error = assert_error(requests.post(srv.url + "/completions", json={**long, "max_tokens": 3}, timeout=30), 503, "server_busy")
+            assert error["type"] == "server_error"
+            running.close()  # the running stream ends, the waiting request gets its turn
+            assert waiting.result().status_code == 200
+
+
+def test_clients_that_leave_before_an_error_do_not_fill_the_log(server, client):
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    keep = Keep(level=logging.DEBUG)
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "qlora_guide")]
+    for logger in loggers:
+        logger.addHandler(keep)
+    try:
+        for head in (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\nAuthorization: Bearer {KEY}\r\n\r\n",
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nAuthorization: Bearer {KEY}\r\n\r\n{{bad",
+            "GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+        ):
+            for _ in range(3):
+                with socket.create_connection((server.host, server.port), timeout=30) as sock:
+                    sock.sendall(head.encode())
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, do not read
+        assert client.chat.completions.create(**GOOD).choices[0].message.content
+    finally:
+        for logger in loggers:
+            logger.removeHandler(keep)
+    assert not [r for r in records if r.exc_info or "Traceback" in r.getMessage()]
 
 
 def test_port_in_use_is_a_one_line_error(lm):

@@ -1,0 +1,126 @@
+"""The served model and its limits: a validated request becomes a :class:`~qlora_guide.deployment.engine.Job`.
+
+Every limit is checked here, before any generation work: the model name
+(404), the prompt (token ids inside the vocabulary, a conversation the chat
+template accepts), ``max_tokens`` within ``[1, max_tokens_limit]``, prompt
+plus answer within the context (``context_length_exceeded``), and the number
+of stop strings.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from qlora_guide.deployment.api_errors import ApiError
+from qlora_guide.deployment.api_types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    ModelCard,
+)
+from qlora_guide.deployment.engine import Answer, Engine, Job
+from qlora_guide.deployment.generation import chat_input_ids
+
+
+@dataclass
+class Limits:
+    """What one request may ask for."""
+
+    max_tokens_limit: int = 1024  # largest max_tokens accepted
+    default_max_tokens: int = 256  # used when a request gives none (shrunk to fit the context)
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    context_length: int | None = None  # prompt + answer tokens; None: the model's own
+    max_queue: int = 64  # requests waiting for the model; more get 503
+    max_stop: int = 4  # OpenAI allows up to 4 stop strings
+
+
+class ServedModel:
+    """The model, its engine, the limits and the served id: everything the routes need."""
+
+    def __init__(self, lm: Any, model_id: str, limits: Limits, api_key: str | None = None, verbose: bool = False) -> None:
+        self.lm = lm
+        self.model_id = model_id
+        self.aliases = {model_id, lm.name, lm.source}
+        self.limits = limits
+        self.context_length = limits.context_length or lm.context_length
+        self.api_key = api_key
+        self.verbose = verbose
+        self.tokenizer_lock = threading.Lock()  # the fast tokenizers are not safe to call from several threads
+        self.created = int(time.time())
+        self.engine = Engine(lm, limits.max_queue)
+        self.eos_ids = self._eos_ids()
+
+    def _eos_ids(self) -> set[int]:
+        """The token ids that end an answer."""
+        eos = self.lm.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if self.lm.tokenizer.eos_token_id is not None:
+            ids.add(self.lm.tokenizer.eos_token_id)
+        return ids
+
+    def model_card(self) -> ModelCard:
+        """The one entry of ``/v1/models``."""
+        return ModelCard(id=self.model_id, created=self.created)
+
+    def check_model_name(self, name: str) -> None:
+        """Refuse (404) a model this server does not serve."""
+        if name not in self.aliases:
+            raise ApiError(404, f"The model '{name}' does not exist: this server serves '{self.model_id}'", param="model", code="model_not_found")
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids: the conversation through the chat template, or the completion prompt."""
+        tokenizer = self.lm.tokenizer
+        if isinstance(request, ChatCompletionRequest):
+            messages = [m.as_template_message() for m in request.messages]
+            try:
+                with self.tokenizer_lock:
+                    return chat_input_ids(tokenizer, messages)[0].tolist()
+            except Exception as err:  # jinja2 raises its own errors for conversations a template refuses
+                raise ApiError(400, f"the model's chat template refused these messages: {err}", param="messages", code="invalid_value") from None
+        assert isinstance(request, CompletionRequest)
+        if isinstance(request.prompt, str):
+            with self.tokenizer_lock:
+                return tokenizer(request.prompt)["input_ids"]
+        vocab = len(tokenizer)
+        if any(t < 0 or t >= vocab for t in request.prompt):
+            raise ApiError(400, f"'prompt' holds token ids outside the vocabulary (0..{vocab - 1})", param="prompt", code="invalid_value")
+        return list(request.prompt)
+
+    def max_tokens(self, request: GenerationRequest, prompt_tokens: int, prompt_param: str) -> int:
+        """The request's max_tokens, checked against the limit and the context left after the prompt."""
+        name, requested = request.token_limit()
+        limit, context = self.limits.max_tokens_limit, self.context_length
+        if requested is not None and requested > limit:
+            raise ApiError(400, f"'{name}' is {requested}: this server allows at most {limit}", param=name, code="invalid_value")
+        tokens = requested if requested is not None else min(self.limits.default_max_tokens, limit, context - prompt_tokens)
+        if prompt_tokens + max(tokens, 1) > context:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{prompt_tokens + max(tokens, 1)} tokens ({prompt_tokens} in the prompt, {max(tokens, 1)} for the "
+                "completion). Please reduce the length of the prompt or the completion.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        return tokens
+
+    def check_stop(self, stop: list[str]) -> None:
+        """Refuse more stop strings than allowed."""
+        if len(stop) > self.limits.max_stop:
+            raise ApiError(400, f"'stop' has {len(stop)} strings: at most {self.limits.max_stop} are allowed", param="stop", code="invalid_value")
+
+    def answer(self, request: GenerationRequest) -> tuple[Answer, int]:
+        """Check the request, queue its job (503 when the queue is full); return its answer and the prompt's length."""
+        self.check_model_name(request.model)
+        self.check_stop(request.stop)
+        input_ids = self.prompt_ids(request)
+        prompt_param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+        max_new = self.max_tokens(request, len(input_ids), prompt_param)
+        temperature = 1.0 if request.temperature is None else request.temperature
+        top_p = 1.0 if request.top_p is None else request.top_p
+        job = Job(input_ids, max_new, float(temperature), float(top_p), request.seed)
+        self.engine.submit(job)
+        return Answer(job, self.lm.tokenizer, request.stop, self.eos_ids), len(input_ids)
