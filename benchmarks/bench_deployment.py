@@ -19,9 +19,13 @@ Part 2 serves one of them (``--server-model``, default the merged model) with
 :func:`qlora_guide.deployment.serving.make_server` on a free loopback port, and sends
 ``--requests`` chat requests (greedy, ``--server-tokens`` tokens at most)
 from 1, 4 and 16 concurrent clients: completion tokens per second over the
-wall time, requests per second, and latency percentiles. The server generates
-one request at a time, so throughput should stay flat while latency grows
-with the number of clients.
+wall time, requests per second, and latency percentiles. It does so twice on
+the same loaded model, side by side: with ``max_batch=1`` (one request at a
+time: throughput stays flat while latency grows with the clients) and with
+the server's batching (``--max-batch``, default 16), and reports the ratio of
+16-client to 1-client throughput for each.
+
+``--part server`` skips part 1.
 
 Without ``--adapter`` a random adapter (r=64, lora_alpha=16, the guide's seven
 target modules) is made and merged in a temporary folder: speed does not
@@ -101,13 +105,13 @@ def bench_variants(adapter: Path, merged: Path, tokens: int, repeats: int) -> li
     return rows
 
 
-def bench_server(model_ref: Path, clients_list: list[int], requests_per_run: int, max_tokens: int) -> list[dict[str, Any]]:
-    """Part 2: chat requests from 1, 4, 16... concurrent clients against one server."""
+def bench_server(lm: Any, clients_list: list[int], requests_per_run: int, max_tokens: int, max_batch: int) -> list[dict[str, Any]]:
+    """Part 2: chat requests from 1, 4, 16... concurrent clients against one server generating ``max_batch`` at most together."""
     import requests
 
     from qlora_guide.deployment.serving import make_server
 
-    with make_server(model_ref, max_tokens_limit=max_tokens, max_queue=max(clients_list) * 2) as server:
+    with make_server(lm, max_tokens_limit=max_tokens, max_queue=max(clients_list) * 2, max_batch=max_batch) as server:
         server.start()
         url = server.url + "/chat/completions"
         model = server.app.model_id
@@ -123,7 +127,7 @@ def bench_server(model_ref: Path, clients_list: list[int], requests_per_run: int
             ask(warm, QUESTIONS[0])
         rows = []
         for clients in clients_list:
-            rows.append(run_clients(ask, clients, max(requests_per_run, clients)))
+            rows.append({"max_batch": max_batch, **run_clients(ask, clients, max(requests_per_run, clients))})
     return rows
 
 
@@ -172,7 +176,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48, help="tokens generated per measurement (default 48)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the three models; the median is kept (default 3)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients (default 1 4 16)")
-    parser.add_argument("--requests", type=int, default=16, help="requests per client count (default 16)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per client count (default 48)")
+    parser.add_argument("--max-batch", type=int, default=16, help="the batching server's max_batch (default 16)")
+    parser.add_argument("--part", choices=["all", "server"], default="all", help="server: skip part 1 (default all)")
     parser.add_argument("--server-tokens", type=int, default=24, help="max_tokens of each server request (default 24)")
     parser.add_argument("--server-model", choices=["merged", "adapter"], default="merged", help="what the server serves (default: the merged model)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -201,18 +207,28 @@ def main() -> None:
         merged = Path(merge_adapter(adapter, work / "merged", check_parity=False).output_dir)
         print(f"merged in {time.perf_counter() - start:.1f} s")
 
-        variants = bench_variants(adapter, merged, args.tokens, args.repeats)
-        print(f"\nGeneration, {args.tokens} greedy tokens, median of {args.repeats} rounds:\n")
-        print(table(variants, [("variant", "model"), ("tokens_per_s", "tokens/s"), ("decode_tokens_per_s", "decode tokens/s"),
-                               ("ttft_s", "TTFT s"), ("weights_mb", "weights MiB"), ("load_s", "load s")]))
-        fastest = max(v["tokens_per_s"] for v in variants)
-        print("\nrelative speed: " + ", ".join(f"{v['variant']} {v['tokens_per_s'] / fastest:.2f}" for v in variants))
+        variants = []
+        if args.part == "all":
+            variants = bench_variants(adapter, merged, args.tokens, args.repeats)
+            print(f"\nGeneration, {args.tokens} greedy tokens, median of {args.repeats} rounds:\n")
+            print(table(variants, [("variant", "model"), ("tokens_per_s", "tokens/s"), ("decode_tokens_per_s", "decode tokens/s"),
+                                   ("ttft_s", "TTFT s"), ("weights_mb", "weights MiB"), ("load_s", "load s")]))
+            fastest = max(v["tokens_per_s"] for v in variants)
+            print("\nrelative speed: " + ", ".join(f"{v['variant']} {v['tokens_per_s'] / fastest:.2f}" for v in variants))
 
-        served = merged if args.server_model == "merged" else adapter
-        server = bench_server(served, args.clients, args.requests, args.server_tokens)
-        print(f"\nServer ({args.server_model}), chat requests of at most {args.server_tokens} tokens:\n")
-        print(table(server, [("clients", "clients"), ("requests", "requests"), ("tokens_per_s", "tokens/s"), ("requests_per_s", "requests/s"),
-                             ("latency_p50_s", "p50 latency s"), ("latency_p95_s", "p95 latency s"), ("wall_s", "wall s")]))
+        from qlora_guide.deployment import load_any
+
+        lm = load_any(merged if args.server_model == "merged" else adapter)
+        server = [row for max_batch in (1, args.max_batch) for row in bench_server(lm, args.clients, args.requests, args.server_tokens, max_batch)]
+        print(f"\nServer ({args.server_model}, {lm.model.dtype}), chat requests of at most {args.server_tokens} tokens, "
+              f"one at a time (max_batch 1) and batched (max_batch {args.max_batch}):\n")
+        print(table(server, [("max_batch", "max_batch"), ("clients", "clients"), ("requests", "requests"), ("tokens_per_s", "tokens/s"),
+                             ("requests_per_s", "requests/s"), ("latency_p50_s", "p50 latency s"), ("latency_p95_s", "p95 latency s"),
+                             ("wall_s", "wall s")]))
+        lo, hi = min(args.clients), max(args.clients)
+        for max_batch in (1, args.max_batch):
+            rate = {row["clients"]: row["tokens_per_s"] for row in server if row["max_batch"] == max_batch}
+            print(f"max_batch {max_batch}: {hi} clients give {rate[hi] / rate[lo]:.2f}x the tokens/s of {lo}")
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": machine, "args": vars(args), "generation": variants, "server": server}, indent=2))
         print(f"\nwritten {args.out}")

@@ -91,7 +91,7 @@ COMMANDS: dict[str, Command] = {
 HELP = {
     "model": MODEL_HELP + " (for estimate: also a bundled config name such as mistral-7b or llama-2-70b)",
     "name_or_path": MODEL_HELP,
-    "model_ref": "an adapter folder, a merged folder, or " + MODEL_HELP,
+    "model_ref": "an adapter folder, a merged folder, or " + MODEL_HELP + " (serve: also several adapter folders of one base)",
     "output_dir": "output folder (it must not exist, or be empty, unless --overwrite)",
     "overwrite": "replace an earlier output of this command",
     "rebuild_model": "convert the embedded model into the cache again",
@@ -142,6 +142,7 @@ HELP = {
     "api_key": "require this bearer token (default: $QLORA_GUIDE_API_KEY)",
     "max_body_bytes": "largest request body in bytes",
     "context_length": "longest prompt + answer in tokens (default: the model's)",
+    "max_batch": "requests generated together at most (1: one at a time)",
     "path": "a run, adapter or merged folder",
 }
 METAVARS = {"copy": ("NAME", "DEST")}  # the words of flags that take several
@@ -210,7 +211,7 @@ def argument(param: inspect.Parameter, annotation: Any, command: Command,
     if positional:
         kwargs["metavar"] = name.upper()
         if not required:
-            kwargs["nargs"] = "?"
+            kwargs["nargs"] = "*" if kind == "tuple" else "?"
         return param.name, kwargs
     kwargs["dest"] = param.name
     kwargs["required"] = required

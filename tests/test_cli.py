@@ -82,6 +82,8 @@ CASES = [
     (["serve", "--port", "70000"], "port 70000 is not a TCP port"),
     (["serve", "--context-length", "-5"], "context_length must be a positive number of tokens, not -5"),
     (["serve", "--max-tokens-limit", "0"], "must be positive"),
+    (["serve", "smollm2-135m", "smollm2-135m"], "smollm2-135m is not an adapter folder"),
+    (["serve", "--max-batch", "0"], "must be positive"),
     (["info", "nonexistent"], "does not exist"),
     (["info", "."], "is neither a model folder (config.json) nor an adapter folder"),
     (["recipes", "--show", "nosuch"], "no recipe 'nosuch'"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import shutil
 import socket
 import struct
 import time
@@ -28,7 +29,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def lm(model_cache):
-    return deployment.load_any(MODEL)
+    # float32 on every CPU: there a batch's greedy answers are those of each request alone (bf16 rounds by batch shape)
+    return deployment.load_any(MODEL, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +181,47 @@ def test_concurrent_requests_get_the_same_answers_as_sequential_ones(client):
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         concurrent = list(pool.map(lambda job: ask(*job), jobs))
     assert concurrent == sequential * 2
+
+
+def test_concurrent_greedy_requests_are_batched_and_answer_as_each_alone(server, lm):
+    """Requests that arrive while the model is busy are generated in one batch, each row ending on its own."""
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?", "Qu'est-ce que Paris ?",
+                 "Who wrote Les Misérables?", "Say hello.", "What is QLoRA?", "Count to three."]
+    limits = [3, 8, 5, 8, 2, 8, 6, 4]  # rows of one batch stop at different lengths
+    alone = [local_greedy(lm, [{"role": "user", "content": q}], max_tokens=n)[0] for q, n in zip(questions, limits, strict=True)]
+    sized = len(server.app.engine.batches)
+    long = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 32, "temperature": 0}
+    with ThreadPoolExecutor(max_workers=len(questions) + 1) as pool:
+        first = pool.submit(post, server, "/completions", long)  # keeps the model busy while the others queue
+        while not server.app.engine.busy:
+            time.sleep(0.005)
+        bodies = [{"model": MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": n, "temperature": 0}
+                  for q, n in zip(questions, limits, strict=True)]
+        answers = list(pool.map(lambda body: post(server, "/chat/completions", body), bodies))
+        assert first.result().status_code == 200
+    assert [a.json()["choices"][0]["message"]["content"] for a in answers] == alone
+    assert max(server.app.engine.batches[sized:]) >= 4, "the waiting requests were generated together"
+
+
+def test_a_batch_takes_the_jobs_that_decode_alike_and_keeps_the_others_in_order():
+    from collections import deque
+
+    from qlora_guide.deployment.batching import take_batch
+    from qlora_guide.deployment.engine import Job
+
+    greedy = [Job([1], 4) for _ in range(3)]
+    sampled = Job([1], 4, temperature=0.7)
+    seeded = [Job([1], 4, temperature=0.7, seed=1), Job([1], 4, temperature=0.7, seed=1)]
+    penalised = Job([1], 4, repetition_penalty=1.2)
+    adapter = Job([1], 4, adapter="adapter1")  # another adapter decodes in the same pass
+    waiting = deque([greedy[0], sampled, greedy[1], *seeded, penalised, greedy[2], adapter])
+    assert take_batch(waiting, max_batch=3) == greedy
+    assert list(waiting) == [sampled, *seeded, penalised, adapter]
+    assert take_batch(waiting, max_batch=16) == [sampled]
+    assert take_batch(waiting, max_batch=16) == [seeded[0]]  # a seed gives the same answer only alone
+    assert take_batch(waiting, max_batch=16) == [seeded[1]]
+    assert take_batch(waiting, max_batch=16) == [penalised]
+    assert take_batch(waiting, max_batch=16) == [adapter] and not waiting
 
 
 # ------------------------------------------------------------------ bad input
@@ -372,7 +415,7 @@ def test_validation_errors_are_openai_400s_never_fastapi_422s(server):
 ])
 def test_the_network_warning_fires_only_off_loopback(monkeypatch, capsys, host, warns):
     class FakeServer:
-        app = types.SimpleNamespace(lm=types.SimpleNamespace(kind="base", quantized=False), model_id=MODEL)
+        app = types.SimpleNamespace(lm=types.SimpleNamespace(kind="base", quantized=False), model_id=MODEL, served_ids=[MODEL])
         url = "http://x/v1"
 
         def __init__(self, bound):
@@ -407,17 +450,17 @@ def leave_mid_stream(srv, body):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_whose_client_leaves_is_cancelled(lm, monkeypatch, stream):
-    from qlora_guide.deployment import engine
+    from qlora_guide.deployment import batching
 
     tokens = []
-    real_put = engine.JobStreamer.put
+    real_put = batching.RowsDone.put
 
     def counting_put(self, value):
         if self.prompt_seen:
             tokens.extend(value.reshape(-1).tolist())
         real_put(self, value)
 
-    monkeypatch.setattr(engine.JobStreamer, "put", counting_put)
+    monkeypatch.setattr(batching.RowsDone, "put", counting_put)
     with make_server(lm, max_tokens_limit=4000, context_length=4096) as srv:
         srv.start()
         body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 4000, "temperature": 0}
@@ -513,3 +556,60 @@ def test_serves_an_adapter_folder(tmp_path):
         assert [m.id for m in adapter_client.models.list().data] == ["faq-adapter"]
         answer = adapter_client.chat.completions.create(model="faq-adapter", messages=QUESTION, max_tokens=6, temperature=0)
         assert answer.choices[0].message.content == local_greedy(srv.app.lm, QUESTION, max_tokens=6)[0]
+
+
+@pytest.mark.slow
+def test_serves_several_adapters_on_one_base_each_by_its_name(tmp_path):
+    from test_deployment import make_adapter_run
+
+    from qlora_guide.deployment.generation import chat_input_ids, generate_ids
+
+    runs = [make_adapter_run(tmp_path / "adapter-a", seed=0, scale=0.6), make_adapter_run(tmp_path / "adapter-b", seed=1, scale=0.6)]
+    with make_server(runs, max_tokens_limit=16) as srv:
+        srv.start()
+        lm = srv.app.lm
+        assert lm.kind == "adapters" and lm.quantized
+        assert sorted(lm.model.peft_config) == ["adapter1", "default"]  # one base, two sets of LoRA weights
+        several = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
+        names = ["adapter-a", "adapter-b", MODEL]
+        assert [m.id for m in several.models.list().data] == names
+
+        def ask(name):
+            answer = several.chat.completions.create(model=name, messages=QUESTION, max_tokens=12, temperature=0)
+            assert answer.model == name
+            return answer.choices[0].message.content
+
+        alone = {name: ask(name) for name in names}
+        assert len(set(alone.values())) == 3, f"the two adapters and the base answer alike: {alone}"
+        ids = chat_input_ids(lm.tokenizer, QUESTION)
+        with lm.lock, lm.model.disable_adapter():
+            base = generate_ids(lm.model, ids, max_new_tokens=12, tokenizer=lm.tokenizer)[0]
+        assert alone[MODEL] == lm.tokenizer.decode(base, skip_special_tokens=True)
+        sized = len(srv.app.engine.batches)
+        with ThreadPoolExecutor(max_workers=9) as pool:
+            mixed = list(pool.map(ask, names * 3))
+        assert mixed == [alone[name] for name in names] * 3
+        assert max(srv.app.engine.batches[sized:]) > 1, "requests for different adapters shared a batch"
+        error = assert_error(post(srv, "/chat/completions", {**GOOD, "model": "adapter-c"}, key=None), 404, "model_not_found", "model")
+        assert "'adapter-a', 'adapter-b', 'smollm2-135m'" in error["message"]
+
+
+def test_several_models_are_refused_unless_adapters_of_one_base(tmp_path):
+    from test_deployment import make_adapter_run
+
+    run = make_adapter_run(tmp_path / "one" / "faq")
+    twin = tmp_path / "two" / "faq"
+    twin.parent.mkdir()
+    twin.symlink_to(run, target_is_directory=True)
+    with pytest.raises(QLoRAGuideError, match="two adapters are both served as 'faq'"):
+        make_server([run, twin])
+    with pytest.raises(QLoRAGuideError, match="smollm2-135m is not an adapter folder"):
+        make_server([run, MODEL])
+    other = tmp_path / "mistral-faq"
+    shutil.copytree(run, other)
+    (other / "manifest.json").write_text(json.dumps({"base_model": "mistralai/Mistral-7B-v0.1"}))
+    with pytest.raises(QLoRAGuideError, match="was trained on 'mistralai/Mistral-7B-v0.1' and .* on 'smollm2-135m': one server holds one base"):
+        make_server([run, other])  # refused before any model is loaded: this base is not on this machine
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QLoRAGuideError, match="empty is neither a model folder"):
+        make_server([run, tmp_path / "empty"])

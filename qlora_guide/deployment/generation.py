@@ -95,6 +95,8 @@ def generate_ids(
     stop: threading.Event | None = None,
     seed: int | None = None,
     streamer: Any = None,
+    stopping_criteria: list[Any] | None = None,
+    adapter_names: list[str] | None = None,
 ) -> Any:
     """Continue ``input_ids`` (batch x T) with ``model.generate``; return only the new token ids (batch x new).
 
@@ -108,6 +110,10 @@ def generate_ids(
     * ``min_new_tokens`` forbids the end of sequence before that many tokens.
     * ``stop``: generation ends at the next token once this event is set.
     * ``streamer`` receives the prompt, then every new token, as transformers' streamers do.
+    * ``stopping_criteria``: more of transformers' stopping criteria (one
+      may return a bool per row, to end rows one by one).
+    * ``adapter_names``: on a PEFT model holding several adapters, the
+      adapter of each row (``"__base__"`` for none), all in one pass.
 
     The inputs are moved to the model's device; no gradients are recorded.
     """
@@ -118,10 +124,14 @@ def generate_ids(
         options["repetition_penalty"] = repetition_penalty
     if min_new_tokens is not None:
         options["min_new_tokens"] = min_new_tokens
-    if stop is not None:
+    criteria = [StopWhenSet(stop)] if stop is not None else []
+    criteria += stopping_criteria or []
+    if criteria:
         from transformers import StoppingCriteriaList
 
-        options["stopping_criteria"] = StoppingCriteriaList([StopWhenSet(stop)])
+        options["stopping_criteria"] = StoppingCriteriaList(criteria)
+    if adapter_names is not None:
+        options["adapter_names"] = adapter_names
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else model_pad_id(model)
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)

@@ -199,6 +199,15 @@ def training_quantization(adapter_dir: str | os.PathLike) -> QuantizationConfig 
     return QuantizationConfig()
 
 
+def run_repetition_penalty(adapter_dir: str | os.PathLike) -> float | None:
+    """The repetition penalty the run's recipe decodes with (``evaluation.repetition_penalty``); None: no penalty."""
+    recipe = RunFolder.of(find_adapter_dir(adapter_dir)).recipe
+    if not recipe.is_file():
+        return None
+    penalty = load_recipe(recipe).evaluation.repetition_penalty
+    return penalty if penalty != 1.0 else None
+
+
 def apply_run_generation_settings(model: Any, adapter_dir: str | os.PathLike) -> None:
     """Decode as the run's recipe says (``evaluation.repetition_penalty``), through the model's generation config.
 
@@ -209,14 +218,13 @@ def apply_run_generation_settings(model: Any, adapter_dir: str | os.PathLike) ->
     """
     recipe = RunFolder.of(find_adapter_dir(adapter_dir)).recipe
     if recipe.is_file() and getattr(model, "generation_config", None) is not None:
-        penalty = load_recipe(recipe).evaluation.repetition_penalty
-        model.generation_config.repetition_penalty = penalty if penalty != 1.0 else None
+        model.generation_config.repetition_penalty = run_repetition_penalty(adapter_dir)
 
 
 # ------------------------------------------------------------------ loading
 
 
-def _lora_shapes_fit(model: Any, adapter_dir: Path, base_name: str) -> None:
+def lora_shapes_fit(model: Any, adapter_dir: Path, base_name: str) -> None:
     """Check that every LoRA matrix of the adapter fits a layer of ``model``; raise naming the first misfit.
 
     peft only warns about adapter keys it cannot place, and a wrong base with
@@ -286,7 +294,7 @@ def load_adapter_model(
         quantization = training_quantization(folder)
     if base_model is None:
         base_model = load_model(base_name, quantization=quantization, dtype=dtype, device_map=device_map)
-    _lora_shapes_fit(base_model, folder, base_name)
+    lora_shapes_fit(base_model, folder, base_name)
     peft_config.inference_mode = not is_trainable
     try:
         model = PeftModel.from_pretrained(base_model, str(folder), config=peft_config, is_trainable=is_trainable)
@@ -328,6 +336,7 @@ class LoadedModel:
     quantized: bool = False
     load_seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    adapters: dict[str, Any] = field(default_factory=dict)  # several adapters on one base: name -> ServedAdapter
 
     @property
     def context_length(self) -> int:

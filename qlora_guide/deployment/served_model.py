@@ -1,5 +1,9 @@
 """The served model and its limits: a validated request becomes a :class:`~qlora_guide.deployment.engine.Job`.
 
+A server serves one model, or one base with several adapters: each adapter
+is a model of its own in ``/v1/models`` (its folder's name), and so is the
+base alone; a request's ``model`` picks its :class:`Route`.
+
 Every limit is checked here, before any generation work: the model name
 (404), the prompt (token ids inside the vocabulary, a conversation the chat
 template accepts), ``max_tokens`` within ``[1, max_tokens_limit]``, prompt
@@ -14,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_guide.deployment.adapters import BASE
 from qlora_guide.deployment.api_errors import ApiError
 from qlora_guide.deployment.api_types import (
     ChatCompletionRequest,
@@ -35,6 +40,16 @@ class Limits:
     context_length: int | None = None  # prompt + answer tokens; None: the model's own
     max_queue: int = 64  # requests waiting for the model; more get 503
     max_stop: int = 4  # OpenAI allows up to 4 stop strings
+    max_batch: int = 16  # requests generated together; 1 generates them one at a time
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a served model id leads: the PEFT adapter its rows go through (None: the model as loaded)."""
+
+    model_id: str
+    adapter: str | None = None
+    repetition_penalty: float | None = None
 
 
 class ServedModel:
@@ -43,15 +58,30 @@ class ServedModel:
     def __init__(self, lm: Any, model_id: str, limits: Limits, api_key: str | None = None, verbose: bool = False) -> None:
         self.lm = lm
         self.model_id = model_id
-        self.aliases = {model_id, lm.name, lm.source}
+        self.routes = self._routes(lm, model_id)
         self.limits = limits
         self.context_length = limits.context_length or lm.context_length
         self.api_key = api_key
         self.verbose = verbose
         self.tokenizer_lock = threading.Lock()  # the fast tokenizers are not safe to call from several threads
         self.created = int(time.time())
-        self.engine = Engine(lm, limits.max_queue)
         self.eos_ids = self._eos_ids()
+        self.engine = Engine(lm, limits.max_queue, limits.max_batch, self.eos_ids)
+
+    @staticmethod
+    def _routes(lm: Any, model_id: str) -> dict[str, Route]:
+        """Every name a request may send as ``model``: the served ids first (in ``/v1/models`` order), then aliases."""
+        if not lm.adapters:
+            route = Route(model_id)
+            return {model_id: route, lm.name: route, lm.source: route}
+        routes = {a.name: Route(a.name, a.peft_name, a.repetition_penalty) for a in lm.adapters.values()}
+        routes[model_id] = Route(model_id, BASE)
+        return routes
+
+    @property
+    def served_ids(self) -> list[str]:
+        """The model ids this server lists, each once."""
+        return list(dict.fromkeys(route.model_id for route in self.routes.values()))
 
     def _eos_ids(self) -> set[int]:
         """The token ids that end an answer."""
@@ -61,14 +91,17 @@ class ServedModel:
             ids.add(self.lm.tokenizer.eos_token_id)
         return ids
 
-    def model_card(self) -> ModelCard:
-        """The one entry of ``/v1/models``."""
-        return ModelCard(id=self.model_id, created=self.created)
+    def model_cards(self) -> list[ModelCard]:
+        """The entries of ``/v1/models``."""
+        return [ModelCard(id=name, created=self.created) for name in self.served_ids]
 
-    def check_model_name(self, name: str) -> None:
-        """Refuse (404) a model this server does not serve."""
-        if name not in self.aliases:
-            raise ApiError(404, f"The model '{name}' does not exist: this server serves '{self.model_id}'", param="model", code="model_not_found")
+    def route(self, name: str) -> Route:
+        """The route of a model id, or a 404 for a model this server does not serve."""
+        route = self.routes.get(name)
+        if route is None:
+            served = ", ".join(f"'{n}'" for n in self.served_ids)
+            raise ApiError(404, f"The model '{name}' does not exist: this server serves {served}", param="model", code="model_not_found")
+        return route
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids: the conversation through the chat template, or the completion prompt."""
@@ -114,13 +147,13 @@ class ServedModel:
 
     def answer(self, request: GenerationRequest) -> tuple[Answer, int]:
         """Check the request, queue its job (503 when the queue is full); return its answer and the prompt's length."""
-        self.check_model_name(request.model)
+        route = self.route(request.model)
         self.check_stop(request.stop)
         input_ids = self.prompt_ids(request)
         prompt_param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
         max_new = self.max_tokens(request, len(input_ids), prompt_param)
         temperature = 1.0 if request.temperature is None else request.temperature
         top_p = 1.0 if request.top_p is None else request.top_p
-        job = Job(input_ids, max_new, float(temperature), float(top_p), request.seed)
+        job = Job(input_ids, max_new, float(temperature), float(top_p), request.seed, route.adapter, route.repetition_penalty)
         self.engine.submit(job)
         return Answer(job, self.lm.tokenizer, request.stop, self.eos_ids), len(input_ids)

@@ -1,10 +1,10 @@
-"""An OpenAI-compatible HTTP server for one model: base, merged, or 4-bit base + adapter.
+"""An OpenAI-compatible HTTP server for one model (base, merged, or 4-bit base + adapter), or one base and several adapters.
 
 Endpoints (the subset of the OpenAI API that text generation needs)::
 
     POST /v1/chat/completions   chat, streamed (server-sent events) or not
     POST /v1/completions        plain text continuation, streamed or not
-    GET  /v1/models             the one model served
+    GET  /v1/models             the models served: one, or each adapter and the base
     GET  /v1/models/{id}
     GET  /health                liveness, no authentication
 
@@ -28,8 +28,9 @@ Design, in the order a request meets it:
   (:mod:`~qlora_guide.deployment.api_errors`).
 * One model, one worker (:class:`~qlora_guide.deployment.engine.Engine`):
   requests wait in a bounded queue (503 when it is full) and are generated
-  one after another. A client that disconnects, streamed or not, cancels its
-  generation within a token or two.
+  in batches of up to ``max_batch`` (:mod:`~qlora_guide.deployment.batching`),
+  each row through its own adapter when several are served. A client that
+  disconnects, streamed or not, cancels its generation within a token or two.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
+from qlora_guide.deployment.adapters import load_adapters
 from qlora_guide.deployment.api_errors import ApiError, install_error_handlers
 from qlora_guide.deployment.api_types import (
     AssistantMessage,
@@ -75,7 +77,7 @@ from qlora_guide.deployment.api_types import (
 from qlora_guide.deployment.detokenize import TextAssembler
 from qlora_guide.deployment.engine import Answer
 from qlora_guide.deployment.http_guards import BodyGuard
-from qlora_guide.deployment.loading import load_any
+from qlora_guide.deployment.loading import load_any, model_kind
 from qlora_guide.deployment.served_model import Limits, ServedModel
 from qlora_guide.errors import QLoRAGuideError
 
@@ -206,12 +208,13 @@ async def event_stream(request: GenerationRequest, answer: Answer, prompt_tokens
 async def complete(served: ServedModel, request: GenerationRequest, http: Request) -> Response:
     """Answer a completion request, whole or streamed; every limit is checked before the job is queued."""
     answer, prompt_tokens = served.answer(request)
+    model_id = served.route(request.model).model_id
     if request.stream:
         headers = {"content-type": "text/event-stream", "cache-control": "no-cache"}
-        return StreamingResponse(event_stream(request, answer, prompt_tokens, http, served.model_id), headers=headers)
+        return StreamingResponse(event_stream(request, answer, prompt_tokens, http, model_id), headers=headers)
     async with cancel_on_disconnect(http, answer):
         text = await answer.text()
-    body = whole_response(request, answer, text, prompt_tokens, served.model_id)
+    body = whole_response(request, answer, text, prompt_tokens, model_id)
     return Response(body.to_json(), media_type="application/json")
 
 
@@ -246,14 +249,13 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.get("/v1/models", dependencies=v1)
     async def list_models() -> ModelList:
-        """The one model served."""
-        return ModelList(data=[served.model_card()])
+        """The models served."""
+        return ModelList(data=served.model_cards())
 
     @app.get("/v1/models/{name:path}", dependencies=v1)
     async def get_model(name: str) -> ModelCard:
-        """The served model, by any of its names."""
-        served.check_model_name(name)
-        return served.model_card()
+        """A served model, by any of its names."""
+        return next(card for card in served.model_cards() if card.id == served.route(name).model_id)
 
     @app.post("/v1/chat/completions", dependencies=v1, response_model=None)
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response:
@@ -340,6 +342,18 @@ class Server:
         self.close()
 
 
+def load_served(model_ref: Any, quantization: Any = "auto") -> Any:
+    """The model to serve: a :class:`~qlora_guide.deployment.LoadedModel` as given, one model reference, or several adapter folders on their one base."""
+    if isinstance(model_ref, (list, tuple)):
+        if len(model_ref) == 1:
+            return load_any(model_ref[0], quantization=quantization)
+        for ref in model_ref:
+            if model_kind(ref) != "adapter":
+                raise QLoRAGuideError(f"{ref} is not an adapter folder: several models are served only as adapters of one base")
+        return load_adapters(model_ref, quantization=quantization)
+    return load_any(model_ref, quantization=quantization)
+
+
 def make_server(
     model_ref: Any,
     host: str = "127.0.0.1",
@@ -350,37 +364,43 @@ def make_server(
     max_body_bytes: int = 1 << 20,
     context_length: int | None = None,
     max_queue: int = 64,
+    max_batch: int = 16,
     api_key: str | None = None,
     quantization: Any = "auto",
     verbose: bool = False,
 ) -> Server:
     """Load the model (or take a loaded :class:`~qlora_guide.deployment.LoadedModel`) and bind a server.
 
+    ``model_ref`` is one model reference, or a list of adapter folders
+    trained on one base: each is then served under its folder's name, and
+    the base alone under ``model_name`` (default: the base's name).
     ``port=0`` picks a free port (read it from ``server.port``). Nothing is
     served until ``start()`` (a background thread) or ``serve_forever()``.
     ``model_name`` is the id clients send as ``model`` (default: the folder
     or model name). ``api_key``, when set, is required as a bearer token.
+    ``max_batch`` requests are generated together at most (1: one at a time).
     """
-    if max_tokens_limit < 1 or default_max_tokens < 1 or max_body_bytes < 1 or max_queue < 1:
-        raise QLoRAGuideError("max_tokens_limit, default_max_tokens, max_body_bytes and max_queue must be positive")
+    if min(max_tokens_limit, default_max_tokens, max_body_bytes, max_queue, max_batch) < 1:
+        raise QLoRAGuideError("max_tokens_limit, default_max_tokens, max_body_bytes, max_queue and max_batch must be positive")
     if not 0 <= port <= 65535:
         raise QLoRAGuideError(f"port {port} is not a TCP port: use 1 to 65535 (0 picks a free one)")
     if context_length is not None and context_length < 1:
         raise QLoRAGuideError(f"context_length must be a positive number of tokens, not {context_length}")
-    lm = load_any(model_ref, quantization=quantization)
+    lm = load_served(model_ref, quantization=quantization)
     limits = Limits(
         max_tokens_limit=max_tokens_limit,
         default_max_tokens=min(default_max_tokens, max_tokens_limit),
         max_body_bytes=max_body_bytes,
         context_length=min(context_length, lm.context_length) if context_length else None,
         max_queue=max_queue,
+        max_batch=max_batch,
     )
     served = ServedModel(lm, model_name or lm.name, limits, api_key=api_key, verbose=verbose)
     return Server(bind(host, port), served, verbose=verbose)
 
 
 def serve(
-    model_ref: Any,
+    model_ref: str | tuple[str, ...],
     host: str = "127.0.0.1",
     port: int = 8000,
     max_tokens_limit: int = 1024,
@@ -388,11 +408,14 @@ def serve(
     api_key: str | None = None,
     max_body_bytes: int = 1 << 20,
     context_length: int | None = None,
+    max_batch: int = 16,
     quantization: Any = "auto",
     verbose: bool = True,
 ) -> None:
     """What ``qlora-guide serve`` runs: load, bind, print the address, serve until Ctrl-C.
 
+    Several adapter folders (``qlora-guide serve runs/a runs/b``) are served
+    on one copy of their base, each under its folder's name.
     ``api_key`` defaults to ``$QLORA_GUIDE_API_KEY`` (a key on the command
     line shows in the process list; one in the environment does not).
     """
@@ -400,13 +423,14 @@ def serve(
         api_key = os.environ.get(API_KEY_ENV) or None
     server = make_server(
         model_ref, host=host, port=port, model_name=model_name, max_tokens_limit=max_tokens_limit,
-        max_body_bytes=max_body_bytes, context_length=context_length, api_key=api_key,
+        max_body_bytes=max_body_bytes, context_length=context_length, max_batch=max_batch, api_key=api_key,
         quantization=quantization, verbose=verbose,
     )
     if not (is_loopback(host) and is_loopback(str(server.host))):
         print(f"warning: listening on {host}, reachable from other machines" + ("" if api_key else " and with no API key"), file=sys.stderr)
     lm = server.app.lm
-    print(f"serving '{server.app.model_id}' ({lm.kind}{', 4-bit' if lm.quantized else ''}) at {server.url}  (Ctrl-C to stop)", file=sys.stderr)
+    names = ", ".join(f"'{name}'" for name in server.app.served_ids)
+    print(f"serving {names} ({lm.kind}{', 4-bit' if lm.quantized else ''}) at {server.url}  (Ctrl-C to stop)", file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
