@@ -40,23 +40,13 @@ import os
 import platform
 import statistics
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from qlora_guide.deployment.load_test import QUESTIONS
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-QUESTIONS = [
-    "Explain what QLoRA is and why it saves memory.",
-    "What does the rank r of a LoRA adapter control?",
-    "Why are the frozen weights stored in NF4?",
-    "Qu'est-ce que la double quantification ?",
-    "How does gradient checkpointing trade compute for memory?",
-    "What is a paged optimizer for?",
-    "Pourquoi fusionner un adaptateur dans le modèle ?",
-    "What is the compute dtype of a 4-bit layer?",
-]
 
 
 def random_adapter(folder: Path, r: int = 64, lora_alpha: int = 16) -> Path:
@@ -107,61 +97,13 @@ def bench_variants(adapter: Path, merged: Path, tokens: int, repeats: int) -> li
 
 def bench_server(lm: Any, clients_list: list[int], requests_per_run: int, max_tokens: int, max_batch: int) -> list[dict[str, Any]]:
     """Part 2: chat requests from 1, 4, 16... concurrent clients against one server generating ``max_batch`` at most together."""
-    import requests
-
+    from qlora_guide.deployment.load_test import measure_load
     from qlora_guide.deployment.serving import make_server
 
     with make_server(lm, max_tokens_limit=max_tokens, max_queue=max(clients_list) * 2, max_batch=max_batch) as server:
         server.start()
-        url = server.url + "/chat/completions"
-        model = server.app.model_id
-
-        def ask(session: requests.Session, question: str) -> tuple[float, int]:
-            body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0}
-            start = time.perf_counter()
-            response = session.post(url, json=body, timeout=600)
-            response.raise_for_status()
-            return time.perf_counter() - start, response.json()["usage"]["completion_tokens"]
-
-        with requests.Session() as warm:
-            ask(warm, QUESTIONS[0])
-        rows = []
-        for clients in clients_list:
-            rows.append({"max_batch": max_batch, **run_clients(ask, clients, max(requests_per_run, clients))})
-    return rows
-
-
-def run_clients(ask: Any, clients: int, total: int) -> dict[str, Any]:
-    """Send ``total`` requests from ``clients`` threads (each with its own keep-alive session); figures."""
-    import requests
-
-    work = [QUESTIONS[i % len(QUESTIONS)] for i in range(total)]
-    lock = threading.Lock()
-    results: list[tuple[float, int]] = []
-
-    def client(index: int) -> None:
-        with requests.Session() as session:
-            for question in work[index::clients]:
-                result = ask(session, question)
-                with lock:
-                    results.append(result)
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=clients) as pool:
-        list(pool.map(client, range(clients)))
-    wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
-    tokens = sum(r[1] for r in results)
-    return {
-        "clients": clients,
-        "requests": len(results),
-        "completion_tokens": tokens,
-        "wall_s": round(wall, 2),
-        "tokens_per_s": round(tokens / wall, 2),
-        "requests_per_s": round(len(results) / wall, 3),
-        "latency_p50_s": round(latencies[len(latencies) // 2], 2),
-        "latency_p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 2),
-    }
+        rows = measure_load(server, clients_list, requests_per_run, max_tokens)
+    return [{key: round(value, 3) if isinstance(value, float) else value for key, value in row.items()} for row in rows]
 
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:

@@ -203,6 +203,17 @@ def test_concurrent_greedy_requests_are_batched_and_answer_as_each_alone(server,
     assert max(server.app.engine.batches[sized:]) >= 4, "the waiting requests were generated together"
 
 
+def test_the_load_test_counts_every_request_and_token(server):
+    from qlora_guide.deployment.load_test import chat_request, measure_clients
+
+    questions = ["What is 2 + 2?", "Name a primary colour."]
+    expected = [chat_request(server.url, MODEL, q, 4, api_key=KEY)["usage"]["completion_tokens"] for q in questions]
+    figures = measure_clients(server.url, MODEL, clients=2, total=4, max_tokens=4, questions=questions, api_key=KEY)
+    assert figures["requests"] == 4 and figures["completion_tokens"] == 2 * sum(expected)
+    assert figures["tokens_per_s"] == pytest.approx(figures["completion_tokens"] / figures["wall_s"])
+    assert 0 < figures["latency_p50_s"] <= figures["latency_p95_s"] <= figures["wall_s"]
+
+
 def test_a_batch_takes_the_jobs_that_decode_alike_and_keeps_the_others_in_order():
     from collections import deque
 
@@ -553,7 +564,7 @@ def test_serves_an_adapter_folder(tmp_path):
         srv.start()
         assert srv.app.lm.kind == "adapter" and srv.app.lm.quantized
         adapter_client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
-        assert [m.id for m in adapter_client.models.list().data] == ["faq-adapter"]
+        assert [m.id for m in adapter_client.models.list().data] == ["faq-adapter", MODEL]  # the adapter, and its base alone
         answer = adapter_client.chat.completions.create(model="faq-adapter", messages=QUESTION, max_tokens=6, temperature=0)
         assert answer.choices[0].message.content == local_greedy(srv.app.lm, QUESTION, max_tokens=6)[0]
 
@@ -564,8 +575,11 @@ def test_serves_several_adapters_on_one_base_each_by_its_name(tmp_path):
 
     from qlora_guide.deployment.generation import chat_input_ids, generate_ids
 
+    from qlora_guide.config import QuantizationConfig
+
     runs = [make_adapter_run(tmp_path / "adapter-a", seed=0, scale=0.6), make_adapter_run(tmp_path / "adapter-b", seed=1, scale=0.6)]
-    with make_server(runs, max_tokens_limit=16) as srv:
+    float32 = QuantizationConfig(bnb_4bit_compute_dtype="float32")  # batch-invariant greedy answers on every CPU
+    with make_server(runs, max_tokens_limit=16, quantization=float32) as srv:
         srv.start()
         lm = srv.app.lm
         assert lm.kind == "adapters" and lm.quantized

@@ -27,8 +27,13 @@ One concept per module:
   bodies (:mod:`~qlora_guide.deployment.api_errors`), the body checks before
   parsing (:mod:`~qlora_guide.deployment.http_guards`), the model and its
   limits (:mod:`~qlora_guide.deployment.served_model`), the one worker that
-  owns the model (:mod:`~qlora_guide.deployment.engine`) and the token ids
-  turned into text (:mod:`~qlora_guide.deployment.detokenize`).
+  owns the model (:mod:`~qlora_guide.deployment.engine`), the requests it
+  generates together (:mod:`~qlora_guide.deployment.batching`), several
+  adapters on one base (:mod:`~qlora_guide.deployment.adapters`) and the
+  token ids turned into text (:mod:`~qlora_guide.deployment.detokenize`).
+  Beside it: a load test of a running server
+  (:mod:`~qlora_guide.deployment.load_test`) and ``transformers serve`` run
+  on a merged model (:mod:`~qlora_guide.deployment.transformers_serve`).
 
 Where a run folder keeps its files is :mod:`qlora_guide.runs`.
 

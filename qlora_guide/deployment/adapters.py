@@ -8,9 +8,12 @@ first: a safetensors LoRA folder, trained on the same base with the same
 quantization, whose matrices fit the base's layers; anything else is a
 one-line error before the base is loaded.
 
-Each adapter is served under its folder's name (:class:`ServedAdapter`); the
-server sends a batch's rows through their own adapters in one forward pass
-with ``adapter_names``, and ``"__base__"`` through none.
+Each adapter is served under its folder's name (:class:`ServedAdapter`), and
+the base alone under its own name, as vLLM lists a base and its LoRA modules:
+the server sends a batch's rows through their own adapters in one forward
+pass with ``adapter_names``, and ``"__base__"`` through none, so a
+fine-tuned model and its base (or two checkpoints) answer side by side from
+one copy of the weights.
 """
 
 from __future__ import annotations
@@ -86,11 +89,9 @@ def load_adapters(
     quantization: Any = AUTO,
     device_map: str | dict | None = None,
 ) -> LoadedModel:
-    """Load several adapters trained on one base onto one copy of it; one adapter loads as :func:`load_any` does."""
+    """Load the adapters (one or more, trained on one base) onto one copy of it; ``lm.adapters`` lists them."""
     folders = check_adapters(adapter_dirs)
     lm = load_any(adapter_dirs[0], quantization=quantization, device_map=device_map)
-    if len(folders) == 1:
-        return lm
     model = lm.model
     model.generation_config.repetition_penalty = None  # each adapter decodes as its own run's recipe says
     adapters = {served_name(adapter_dirs[0]): ServedAdapter(served_name(adapter_dirs[0]), folders[0], "default", run_repetition_penalty(folders[0]))}
@@ -105,6 +106,6 @@ def load_adapters(
         adapters[served_name(given)] = ServedAdapter(served_name(given), folder, peft_name, run_repetition_penalty(folder))
     model.eval()
     lm.adapters = adapters
-    lm.kind = "adapters"
-    lm.name = str(lm.base_model)
+    if len(adapters) > 1:
+        lm.kind, lm.name = "adapters", str(lm.base_model)
     return lm

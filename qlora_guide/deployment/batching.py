@@ -131,7 +131,10 @@ def generate_batch(lm: Any, jobs: Sequence[Job], eos_ids: set[int], loop: asynci
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_pad_id(lm.model)
     ids, mask = padded([job.input_ids for job in jobs], pad_id)
     rows = RowsDone(jobs, eos_ids, loop)
-    adapter_names = [job.adapter for job in jobs] if any(job.adapter for job in jobs) else None
+    active = getattr(lm.model, "active_adapter", None)
+    adapter_names = [job.adapter or active for job in jobs]
+    if all(name == active for name in adapter_names):
+        adapter_names = None  # every row through the adapter the model runs anyway: PEFT's plain forward
     try:
         with lm.lock:
             generate_ids(

@@ -58,7 +58,7 @@ class Engine:
         self.arrived: asyncio.Event | None = None
         self.running: list[Job] = []
         self.served = 0
-        self.batches: list[int] = []  # the size of each batch generated, in order
+        self.batches: list[int] = []  # the size of each batch, in the order they started
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlora-guide-engine")
         self.worker: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -129,6 +129,7 @@ class Engine:
         while True:
             batch = await self._next_batch()
             self.running = batch
+            self.batches.append(len(batch))
             try:
                 await loop.run_in_executor(self.executor, generate_batch, self.lm, batch, self.eos_ids, loop, secrets.randbits(63))
             except asyncio.CancelledError:
@@ -139,7 +140,6 @@ class Engine:
             finally:
                 self.running = []
                 self.served += len(batch)
-                self.batches.append(len(batch))
 
 
 class Answer:

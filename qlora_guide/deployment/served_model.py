@@ -70,12 +70,25 @@ class ServedModel:
 
     @staticmethod
     def _routes(lm: Any, model_id: str) -> dict[str, Route]:
-        """Every name a request may send as ``model``: the served ids first (in ``/v1/models`` order), then aliases."""
+        """Every name a request may send as ``model``: the served ids first (in ``/v1/models`` order), then aliases.
+
+        One model: ``model_id``, also under its folder name and the reference
+        it was loaded from. Adapters: each under its folder name (one alone
+        under ``model_id``), then the base alone under its name.
+        """
         if not lm.adapters:
             route = Route(model_id)
             return {model_id: route, lm.name: route, lm.source: route}
-        routes = {a.name: Route(a.name, a.peft_name, a.repetition_penalty) for a in lm.adapters.values()}
-        routes[model_id] = Route(model_id, BASE)
+        adapters = list(lm.adapters.values())
+        routes = {}
+        for adapter in adapters:
+            name = model_id if len(adapters) == 1 else adapter.name
+            routes[name] = Route(name, adapter.peft_name, adapter.repetition_penalty)
+        base = str(lm.base_model)
+        routes.setdefault(base, Route(base, BASE))
+        if len(adapters) == 1:  # the folder name and the path given still reach the one adapter
+            for alias in (adapters[0].name, lm.source):
+                routes.setdefault(alias, routes[model_id])
         return routes
 
     @property

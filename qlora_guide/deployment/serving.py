@@ -344,14 +344,13 @@ class Server:
 
 def load_served(model_ref: Any, quantization: Any = "auto") -> Any:
     """The model to serve: a :class:`~qlora_guide.deployment.LoadedModel` as given, one model reference, or several adapter folders on their one base."""
-    if isinstance(model_ref, (list, tuple)):
-        if len(model_ref) == 1:
-            return load_any(model_ref[0], quantization=quantization)
-        for ref in model_ref:
-            if model_kind(ref) != "adapter":
-                raise QLoRAGuideError(f"{ref} is not an adapter folder: several models are served only as adapters of one base")
-        return load_adapters(model_ref, quantization=quantization)
-    return load_any(model_ref, quantization=quantization)
+    refs = list(model_ref) if isinstance(model_ref, (list, tuple)) else [model_ref]
+    if len(refs) == 1 and (not isinstance(refs[0], (str, os.PathLike)) or model_kind(refs[0]) != "adapter"):
+        return load_any(refs[0], quantization=quantization)
+    for ref in refs:
+        if model_kind(ref) != "adapter":
+            raise QLoRAGuideError(f"{ref} is not an adapter folder: several models are served only as adapters of one base")
+    return load_adapters(refs, quantization=quantization)
 
 
 def make_server(
@@ -372,8 +371,9 @@ def make_server(
     """Load the model (or take a loaded :class:`~qlora_guide.deployment.LoadedModel`) and bind a server.
 
     ``model_ref`` is one model reference, or a list of adapter folders
-    trained on one base: each is then served under its folder's name, and
-    the base alone under ``model_name`` (default: the base's name).
+    trained on one base. Adapters are served each under its folder's name
+    (one alone under ``model_name`` if given), and the base alone under its
+    own name, all from one copy of the base.
     ``port=0`` picks a free port (read it from ``server.port``). Nothing is
     served until ``start()`` (a background thread) or ``serve_forever()``.
     ``model_name`` is the id clients send as ``model`` (default: the folder
@@ -386,6 +386,8 @@ def make_server(
         raise QLoRAGuideError(f"port {port} is not a TCP port: use 1 to 65535 (0 picks a free one)")
     if context_length is not None and context_length < 1:
         raise QLoRAGuideError(f"context_length must be a positive number of tokens, not {context_length}")
+    if isinstance(model_ref, (list, tuple)) and len(model_ref) > 1 and model_name:
+        raise QLoRAGuideError("model_name names one served model: several adapters are served under their folders' names")
     lm = load_served(model_ref, quantization=quantization)
     limits = Limits(
         max_tokens_limit=max_tokens_limit,
