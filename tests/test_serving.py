@@ -573,9 +573,8 @@ def test_serves_an_adapter_folder(tmp_path):
 def test_serves_several_adapters_on_one_base_each_by_its_name(tmp_path):
     from test_deployment import make_adapter_run
 
-    from qlora_guide.deployment.generation import chat_input_ids, generate_ids
-
     from qlora_guide.config import QuantizationConfig
+    from qlora_guide.deployment.generation import chat_input_ids, generate_ids
 
     runs = [make_adapter_run(tmp_path / "adapter-a", seed=0, scale=0.6), make_adapter_run(tmp_path / "adapter-b", seed=1, scale=0.6)]
     float32 = QuantizationConfig(bnb_4bit_compute_dtype="float32")  # batch-invariant greedy answers on every CPU
