@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.errors import QLoRAGuideError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset, DatasetDict
@@ -229,7 +229,7 @@ def read_hub(dataset_id: str) -> dict[str, Dataset]:
     try:
         loaded = datasets.load_dataset(dataset_id)
     except Exception as err:  # datasets raises many types for 'not found', 'offline', 'bad format'
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise QLoRAGuideError(f"data: '{dataset_id}' is not a local file or folder and the hub could not provide it ({first})") from None
     return dict(loaded)
 

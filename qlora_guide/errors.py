@@ -11,3 +11,8 @@ class QLoRAGuideError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
     exit_code = 2
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty: a one-line reason."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

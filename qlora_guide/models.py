@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_guide import progress
-from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.errors import QLoRAGuideError, first_line
 from qlora_guide.outputs import sha256_file
 from qlora_guide.precision import follow_cpu_bf16_setting
 
@@ -155,9 +155,9 @@ def _from_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
         hint = " (offline mode is on)" if offline else ""
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise QLoRAGuideError(
-            f"could not load '{name}'{hint}: not a local model folder, and the hub could not provide it ({first_line})"
+            f"could not load '{name}'{hint}: not a local model folder, and the hub could not provide it ({reason})"
         ) from None
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import torch
 
+from qlora_guide.errors import first_line
 from qlora_guide.memory import bundled_configs, estimate, load_model_shape
 from qlora_guide.models import cache_dir, embedded_model_path
 from qlora_guide.precision import CPU_BF16_ENV, resolve
@@ -159,7 +160,7 @@ def _try(action: Any) -> str:
         messages = [str(w.message).splitlines()[0] for w in caught if "not supported" in str(w.message).lower()]
         return f"falls back: {messages[0].split('. ')[0]}" if messages else "ok"
     except Exception as err:  # noqa: BLE001 - a probe reports any failure instead of raising
-        return f"fails: {(str(err).strip().splitlines() or [type(err).__name__])[0][:120]}"
+        return f"fails: {first_line(err)[:120]}"
 
 
 def bitsandbytes_backend() -> tuple[str, dict[str, str]]:
@@ -177,7 +178,7 @@ def bitsandbytes_backend() -> tuple[str, dict[str, str]]:
             import bitsandbytes.functional as bnbf
             from bitsandbytes import cextension
     except Exception as err:  # noqa: BLE001 - a broken install is reported, not raised
-        return f"unavailable ({(str(err).splitlines() or [type(err).__name__])[0][:100]})", {}
+        return f"unavailable ({first_line(err)[:100]})", {}
 
     backend = str(getattr(cextension, "BNB_BACKEND", "unknown")).lower()
     lib = type(getattr(cextension, "lib", None)).__name__

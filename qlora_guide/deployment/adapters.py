@@ -36,7 +36,7 @@ from qlora_guide.deployment.loading import (
     run_repetition_penalty,
     training_quantization,
 )
-from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.errors import QLoRAGuideError, first_line
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
@@ -94,16 +94,18 @@ def load_adapters(
     lm = load_any(adapter_dirs[0], quantization=quantization, device_map=device_map)
     model = lm.model
     model.generation_config.repetition_penalty = None  # each adapter decodes as its own run's recipe says
-    adapters = {served_name(adapter_dirs[0]): ServedAdapter(served_name(adapter_dirs[0]), folders[0], "default", run_repetition_penalty(folders[0]))}
-    for index, (given, folder) in enumerate(zip(adapter_dirs[1:], folders[1:], strict=True), start=1):
-        lora_shapes_fit(model.get_base_model(), folder, str(lm.base_model))
-        peft_name = f"adapter{index}"
-        try:
-            model.load_adapter(str(folder), adapter_name=peft_name, is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise QLoRAGuideError(f"adapter {given} does not load beside {adapter_dirs[0]}: {first}") from None
-        adapters[served_name(given)] = ServedAdapter(served_name(given), folder, peft_name, run_repetition_penalty(folder))
+    adapters = {}
+    for index, (given, folder) in enumerate(zip(adapter_dirs, folders, strict=True)):
+        peft_name = f"adapter{index}" if index else "default"  # the first is loaded by load_any, as PEFT names it
+        if index:
+            lora_shapes_fit(model.get_base_model(), folder, str(lm.base_model))
+            try:
+                model.load_adapter(str(folder), adapter_name=peft_name, is_trainable=False)
+            except (RuntimeError, ValueError, KeyError) as err:
+                first = first_line(err)
+                raise QLoRAGuideError(f"adapter {given} does not load beside {adapter_dirs[0]}: {first}") from None
+        name = served_name(given)
+        adapters[name] = ServedAdapter(name, folder, peft_name, run_repetition_penalty(folder))
     model.eval()
     lm.adapters = adapters
     if len(adapters) > 1:

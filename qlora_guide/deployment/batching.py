@@ -70,11 +70,11 @@ class RowsDone:
         self.done = [False] * len(self.jobs)
         self.prompt_seen = False
 
-    def finish(self, row: int) -> None:
-        """Row ``row`` generates no more: its job's answer is complete now."""
+    def finish(self, row: int, event: tuple[str, Any] = ("end", None)) -> None:
+        """Row ``row`` generates no more: its job's answer is complete now (or failed, with an ``("error", exc)`` event)."""
         if not self.done[row]:
             self.done[row] = True
-            self.loop.call_soon_threadsafe(self.jobs[row].events.put_nowait, ("end", None))
+            self.loop.call_soon_threadsafe(self.jobs[row].events.put_nowait, event)
 
     # the streamer side
     def put(self, value: Any) -> None:
@@ -96,10 +96,8 @@ class RowsDone:
 
     def fail(self, err: Exception) -> None:
         """Generation failed: every row still running reports ``err`` to its request."""
-        for row, job in enumerate(self.jobs):
-            if not self.done[row]:
-                self.done[row] = True
-                self.loop.call_soon_threadsafe(job.events.put_nowait, ("error", err))
+        for row in range(len(self.jobs)):
+            self.finish(row, ("error", err))
 
     # the stopping-criterion side
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:

@@ -57,7 +57,6 @@ class Engine:
         self.queue: deque[Job] = deque()
         self.arrived: asyncio.Event | None = None
         self.running: list[Job] = []
-        self.served = 0
         self.batches: list[int] = []  # the size of each batch, in the order they started
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qlora-guide-engine")
         self.worker: asyncio.Task | None = None
@@ -139,7 +138,6 @@ class Engine:
                 raise
             finally:
                 self.running = []
-                self.served += len(batch)
 
 
 class Answer:
@@ -184,9 +182,5 @@ class Answer:
         """Set ``finish_reason`` (``stop`` or ``length``) and ``tokens`` once generation has ended."""
         ids = self.assembler.ids
         self.tokens = len(ids)
-        if self.assembler.stopped or (ids and ids[-1] in self.eos_ids):
-            self.finish_reason = "stop"
-        elif len(ids) >= self.job.max_new_tokens:
-            self.finish_reason = "length"
-        else:
-            self.finish_reason = "stop"
+        ended = self.assembler.stopped or (ids and ids[-1] in self.eos_ids)
+        self.finish_reason = "length" if not ended and len(ids) >= self.job.max_new_tokens else "stop"

@@ -27,6 +27,7 @@ from qlora_guide.deployment.merging import (
     parity_inputs,
 )
 from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.outputs import atomic_file
 
 # The transformers classes whose weights map onto GGUF's llama architecture.
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -161,9 +162,7 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, outtype: st
                   "f32": gguf.LlamaFileType.ALL_F32}
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         _add_hyperparameters(writer, config, folder.name, file_types[outtype])
         _add_tokenizer(writer, folder, tokenizer, config.vocab_size)
@@ -174,10 +173,6 @@ def write_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, outtype: st
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return len(tensors)
 
 

@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 
 from qlora_guide import progress
 from qlora_guide.config import QuantizationConfig, load_recipe
-from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.errors import QLoRAGuideError, first_line
 from qlora_guide.models import (
     EMBEDDED_ALIASES,
     EMBEDDED_MODEL,
@@ -299,7 +299,7 @@ def load_adapter_model(
     try:
         model = PeftModel.from_pretrained(base_model, str(folder), config=peft_config, is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise QLoRAGuideError(f"adapter {folder} does not load on base '{base_name}': {first}") from None
     if not is_trainable:
         model.eval()

@@ -158,8 +158,8 @@ class ServedModel:
         if len(stop) > self.limits.max_stop:
             raise ApiError(400, f"'stop' has {len(stop)} strings: at most {self.limits.max_stop} are allowed", param="stop", code="invalid_value")
 
-    def answer(self, request: GenerationRequest) -> tuple[Answer, int]:
-        """Check the request, queue its job (503 when the queue is full); return its answer and the prompt's length."""
+    def answer(self, request: GenerationRequest) -> tuple[Answer, int, str]:
+        """Check the request, queue its job (503 when the queue is full); return its answer, the prompt's length and the served model id."""
         route = self.route(request.model)
         self.check_stop(request.stop)
         input_ids = self.prompt_ids(request)
@@ -169,4 +169,4 @@ class ServedModel:
         top_p = 1.0 if request.top_p is None else request.top_p
         job = Job(input_ids, max_new, float(temperature), float(top_p), request.seed, route.adapter, route.repetition_penalty)
         self.engine.submit(job)
-        return Answer(job, self.lm.tokenizer, request.stop, self.eos_ids), len(input_ids)
+        return Answer(job, self.lm.tokenizer, request.stop, self.eos_ids), len(input_ids), route.model_id

@@ -207,8 +207,7 @@ async def event_stream(request: GenerationRequest, answer: Answer, prompt_tokens
 
 async def complete(served: ServedModel, request: GenerationRequest, http: Request) -> Response:
     """Answer a completion request, whole or streamed; every limit is checked before the job is queued."""
-    answer, prompt_tokens = served.answer(request)
-    model_id = served.route(request.model).model_id
+    answer, prompt_tokens, model_id = served.answer(request)
     if request.stream:
         headers = {"content-type": "text/event-stream", "cache-control": "no-cache"}
         return StreamingResponse(event_stream(request, answer, prompt_tokens, http, model_id), headers=headers)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.errors import QLoRAGuideError, first_line
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "assets" / "model_configs"
 
@@ -159,7 +159,7 @@ def _config_from_hub(model_id: str) -> dict[str, Any]:
         config = AutoConfig.from_pretrained(model_id, trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - any failure here means "cannot resolve this id"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        why = "offline mode is on" if offline else (str(err).strip().splitlines() or [type(err).__name__])[0]
+        why = "offline mode is on" if offline else first_line(err)
         bundled = ", ".join(bundled_configs())
         raise QLoRAGuideError(
             f"cannot read the config of '{model_id}' ({why}): give a local folder, or one of the bundled configs: {bundled}"

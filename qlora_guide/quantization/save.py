@@ -15,7 +15,7 @@ from typing import Any
 
 from qlora_guide import progress
 from qlora_guide.config import DTYPES, QuantizationConfig
-from qlora_guide.errors import QLoRAGuideError
+from qlora_guide.errors import QLoRAGuideError, first_line
 from qlora_guide.models import load_model, load_tokenizer, resolve_model
 from qlora_guide.outputs import check_output_folder, replace_folder, staging_folder
 from qlora_guide.quantization.footprint import model_footprint
@@ -49,8 +49,8 @@ def check_causal_lm(name_or_path: str) -> None:
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise QLoRAGuideError(f"could not read the config of '{name_or_path}': {first_line}") from None
+        reason = first_line(err)
+        raise QLoRAGuideError(f"could not read the config of '{name_or_path}': {reason}") from None
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     architectures = config.architectures or []
     is_causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
