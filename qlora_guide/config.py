@@ -49,6 +49,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -155,6 +156,17 @@ class QuantizationConfig(Section):
         )
 
 
+# peft's init_lora_weights values this package runs (besides true, false and pissa_niter_N).
+LORA_INITIALISATIONS = ("gaussian", "pissa", "olora", "loftq")
+# peft's other initialisations, and why a recipe cannot ask for them.
+UNSUPPORTED_INITIALISATIONS = {
+    "eva": "it needs a pass over the training data before training (peft.initialize_lora_eva_weights); run it with peft directly",
+    "corda": "it needs a pass over calibration data before training (peft's preprocess_corda); run it with peft directly",
+    "lora_ga": "it needs the gradients of a pass over the training data; run it with peft directly",
+    "orthogonal": "use gaussian or true",
+}
+
+
 class LoraConfig(Section):
     """The low-rank adapters trained on top of the frozen base (peft's LoraConfig)."""
 
@@ -167,6 +179,14 @@ class LoraConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: list(GUIDE_TARGET_MODULES),
         description="Module names that get adapters, or 'all-linear' for every linear layer but the output head.")
+    use_dora: bool = Field(False, description=(
+        "DoRA: also train a magnitude per output row and apply the update to the direction of W only "
+        "(W' = m * (W + s B A) / |W + s B A|); more memory and time per step."))
+    use_rslora: bool = Field(False, description=(
+        "rsLoRA: scale the update by lora_alpha / sqrt(r) instead of lora_alpha / r, so that a high rank still learns."))
+    init_lora_weights: bool | str = Field(True, description=(
+        "How the adapters start: true (B = 0, A Kaiming-uniform), gaussian, pissa or pissa_niter_N (the top "
+        "singular directions of W; 16-bit base only), olora (16-bit base only) or loftq (a 4-bit base, on CUDA)."))
 
     @field_validator("target_modules")
     @classmethod
@@ -175,8 +195,33 @@ class LoraConfig(Section):
             raise _fail("must name at least one module (or be all-linear)")
         return value
 
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _known_initialisation(cls, value: bool | str) -> bool | str:
+        if isinstance(value, bool) or value in LORA_INITIALISATIONS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", value):
+            return value
+        if value in UNSUPPORTED_INITIALISATIONS:
+            raise _fail(f"{value} is not supported: {UNSUPPORTED_INITIALISATIONS[value]}")
+        close = difflib.get_close_matches(value, [*LORA_INITIALISATIONS, "pissa_niter_4"], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise _fail(f"must be true, false, {', '.join(LORA_INITIALISATIONS)} or pissa_niter_N, not {value!r}{hint}")
+
+    @property
+    def scaling(self) -> float:
+        """The factor s of the update s B A: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    @property
+    def changes_base_weights(self) -> bool:
+        """PiSSA and OLoRA start from W - B A: the base weights are rewritten before training."""
+        return isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(("pissa", "olora"))
+
     def to_peft(self) -> Any:
-        """The equivalent ``peft.LoraConfig`` for a causal language model."""
+        """The equivalent ``peft.LoraConfig`` for a causal language model.
+
+        LoftQ is applied after the model is built (``peft.replace_lora_weights_loftq``, on a
+        4-bit base): the adapters are created with the default initialisation first.
+        """
         import peft
 
         return peft.LoraConfig(
@@ -185,6 +230,9 @@ class LoraConfig(Section):
             lora_dropout=self.lora_dropout,
             bias=self.bias,
             target_modules=self.target_modules,
+            use_dora=self.use_dora,
+            use_rslora=self.use_rslora,
+            init_lora_weights=True if self.init_lora_weights == "loftq" else self.init_lora_weights,
             task_type="CAUSAL_LM",
         )
 
@@ -195,9 +243,12 @@ class DataConfig(Section):
     recipe_section: ClassVar[str] = "data"
 
     path: str = Field("qlora-faq", description=(
-        "A local .jsonl/.json/.csv/.parquet file or folder, a hub dataset id, or 'qlora-faq' for the bundled bilingual dataset."))
-    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
-        "auto", description="Example format: auto, messages, alpaca, prompt_completion or text.")
+        "A local .jsonl/.json/.csv/.parquet file or folder, a hub dataset id, 'qlora-faq' for the bundled bilingual dataset "
+        "or 'qlora-prefs' for its preference pairs."))
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text", "preference"] = Field(
+        "auto", description=(
+            "Example format: auto, messages, alpaca, prompt_completion, text, or preference (prompt, chosen and "
+            "rejected, for a dpo recipe)."))
     train_split: str = Field("train", description="Split used for training.")
     validation_split: str | None = Field(
         "validation", description="Split used for validation; made from the training split when it does not exist.")
@@ -326,6 +377,33 @@ class EvaluationConfig(Section):
         "serve and merged models decode alike."))
 
 
+# TRL's DPOConfig.loss_type values (one loss per recipe).
+DpoLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
+
+
+class DpoConfig(Section):
+    """Preference tuning with TRL's DPOTrainer: the adapters learn to prefer each pair's chosen answer.
+
+    A recipe with a ``dpo`` section trains on preference pairs (``prompt``,
+    ``chosen``, ``rejected``) instead of answers; everything else (model,
+    quantization, adapters, optimisation, run folder) is the same recipe.
+    """
+
+    recipe_section: ClassVar[str] = "dpo"
+
+    reference: Literal["initial", "precomputed"] = Field(description=(
+        "The reference model the DPO loss compares with, which is the model the run starts from (the base, or "
+        "dpo.adapter): initial (its log-probabilities computed at every step, with the adapter disabled or a "
+        "frozen copy of it) or precomputed (computed once over the data before training: faster steps)."))
+    beta: Float = Field(0.1, gt=0, description=(
+        "TRL's beta: how far the tuned model may move from the reference (higher: closer to it)."))
+    loss_type: DpoLoss = Field("sigmoid", description="TRL's loss_type: sigmoid (the DPO paper's), ipo, hinge, robust...")
+    adapter: str | None = Field(None, description=(
+        "Start from this trained adapter (a run folder or its adapter/), usually a supervised run on the same "
+        "base; null: new adapters on the base."))
+
+
 class OutputConfig(Section):
     """Where a run writes its adapter, checkpoints, logs and manifest."""
 
@@ -347,7 +425,27 @@ class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="The training data.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="The optimisation.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="The evaluation.")
+    dpo: DpoConfig | None = Field(None, description="Preference tuning with TRL's DPOTrainer (null: supervised fine-tuning).")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where to write.")
+
+    @model_validator(mode="after")
+    def _initialisation_fits_base(self) -> Recipe:
+        """An initialisation that rewrites W needs W in full precision; LoftQ needs a 4-bit W to correct."""
+        init, key = self.lora.init_lora_weights, "lora.init_lora_weights"
+        quantized = self.quantization is not None
+        if self.lora.changes_base_weights and quantized:
+            raise _fail(f"{init} starts from W - B A and rewrites the base weights, which a 4-bit base cannot hold exactly: "
+                        "set quantization: null (the adapter is saved as a LoRA of the original weights)", key)
+        if self.lora.changes_base_weights and self.lora.use_dora:
+            raise _fail(f"{init} with use_dora: peft cannot save the result as an adapter of the original weights", key)
+        if init == "loftq" and not (quantized and self.quantization.load_in_4bit):
+            raise _fail("loftq starts the adapters so that W_nf4 + s B A is close to W: it needs a 4-bit quantization section", key)
+        if self.dpo is not None and self.data.format not in ("auto", "preference"):
+            raise _fail(f"a dpo recipe trains on preference pairs (prompt, chosen, rejected): set auto or preference, not {self.data.format}",
+                        "data.format")
+        if self.dpo is not None and self.dpo.adapter and self.lora.changes_base_weights:
+            raise _fail("dpo.adapter continues a trained adapter: its initialisation cannot be chosen again", key)
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -472,7 +570,7 @@ def recipe_error(err: ValidationError, root: type[Section]) -> str:
         return f"unknown recipe key '{full}'" + (f" (did you mean '{close}'?)" if close else "")
     if kind == "recipe":
         ctx = first.get("ctx") or {}
-        where = f"{key}.{ctx['key']}" if ctx.get("key") else key
+        where = ".".join(part for part in (key, ctx.get("key")) if part)
         return f"{where}: {ctx.get('message', first['msg'])}"
     if not key:
         return f"recipe must be a mapping of sections, not {type(first['input']).__name__}"
@@ -489,6 +587,8 @@ def recipe_error(err: ValidationError, root: type[Section]) -> str:
         close = difflib.get_close_matches(str(first["input"]), choices, n=1, cutoff=0.8) if isinstance(first["input"], str) else []
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{key}: must be {_describe(field.annotation)}, not {_show(first['input'])}{hint}"
+    if kind == "missing" and field is not None:
+        return f"{key}: required: {field.description}"
     if kind in ("string_too_short", "too_short"):
         return f"{key}: must not be empty"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number") and field is not None:

@@ -46,8 +46,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-BUNDLED_DATASET = "qlora-faq"
-BUNDLED_DIR = Path(__file__).parent / "assets" / "qlora_faq"
+# The datasets shipped with the package: the FAQ (answers) and its preference pairs (chosen and rejected answers).
+BUNDLED_DATASETS = {"qlora-faq": Path(__file__).parent / "assets" / "qlora_faq",
+                    "qlora-prefs": Path(__file__).parent / "assets" / "qlora_prefs"}
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "validation"}
 IGNORE_INDEX = -100  # label value that the loss skips (torch's cross_entropy default)
@@ -59,6 +60,7 @@ FORMAT_COLUMNS = {
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": ("chosen", "rejected", "prompt"),
 }
 
 # Used only for models that ship without a chat template (base models such as
@@ -118,10 +120,11 @@ def load_examples(data: DataConfig) -> DatasetDict:
 
 def read_splits(path: str) -> dict[str, Dataset]:
     """Read every split of a data source: the bundled set, a local file or folder, or a hub id."""
-    if path == BUNDLED_DATASET:
-        if not BUNDLED_DIR.is_dir():
-            raise QLoRAGuideError(f"the bundled dataset is missing from this installation ({BUNDLED_DIR}): reinstall qlora-guide")
-        return read_folder(BUNDLED_DIR)
+    if path in BUNDLED_DATASETS:
+        folder = BUNDLED_DATASETS[path]
+        if not folder.is_dir():
+            raise QLoRAGuideError(f"the bundled dataset {path} is missing from this installation ({folder}): reinstall qlora-guide")
+        return read_folder(folder)
     local = Path(path).expanduser()
     if local.is_dir():
         return read_folder(local)
@@ -264,6 +267,8 @@ def to_messages(example: dict[str, Any], fmt: str, index: int = 0) -> list[dict[
     """Turn one example into chat messages (None for plain ``text`` examples, which have no prompt)."""
     if fmt == "text":
         return None
+    if fmt == "preference":
+        raise QLoRAGuideError("data: the examples are preference pairs (prompt, chosen, rejected): add a dpo section to the recipe to train on them")
     if fmt == "messages":
         messages = example["messages"]
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):

@@ -8,6 +8,8 @@ A run folder holds::
       metrics.json     final figures
       metrics.jsonl    every logged step
       adapter/         the adapter and its tokenizer, renamed into place last: a run that has it is finished
+      initial-adapter/ the adapters as PiSSA or OLoRA started them (those runs only): the final adapter is
+                       saved as their difference, a LoRA of the original weights
       checkpoints/     checkpoint-N/ folders (complete ones carry checkpoint_complete.json)
       logs/            TensorBoard events
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ADAPTER_DIR = "adapter"
+INITIAL_ADAPTER_DIR = "initial-adapter"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
 RECIPE_FILE = "recipe.yaml"
@@ -30,7 +33,7 @@ METRICS_FILE = "metrics.json"
 METRICS_LOG = "metrics.jsonl"
 CHECKPOINT_PREFIX = "checkpoint-"  # transformers' Trainer names its checkpoint folders checkpoint-<global step>
 COMPLETE_MARKER = "checkpoint_complete.json"
-RUN_FILES = (RECIPE_FILE, MANIFEST_FILE, METRICS_FILE, METRICS_LOG, ADAPTER_DIR, CHECKPOINTS_DIR, LOGS_DIR)
+RUN_FILES = (RECIPE_FILE, MANIFEST_FILE, METRICS_FILE, METRICS_LOG, ADAPTER_DIR, INITIAL_ADAPTER_DIR, CHECKPOINTS_DIR, LOGS_DIR)
 
 
 def checkpoint_name(step: int) -> str:
@@ -76,6 +79,11 @@ class RunFolder:
     def adapter_staging(self) -> Path:
         """Where the adapter is written before it is renamed to :attr:`adapter`."""
         return self.root / f".{ADAPTER_DIR}.tmp"
+
+    @property
+    def initial_adapter(self) -> Path:
+        """The adapters before training, for initialisations that rewrite the base weights (PiSSA, OLoRA)."""
+        return self.root / INITIAL_ADAPTER_DIR
 
     @property
     def checkpoints(self) -> Path:

@@ -138,8 +138,10 @@ def test_library_objects_match_the_recipe():
 
 
 def test_every_field_has_help():
-    sections = {type(getattr(Recipe(), name)) for name in Recipe.model_fields} - {str}
-    assert len(sections) == 7
+    from qlora_guide.config import DpoConfig
+
+    sections = {type(getattr(Recipe(), name)) for name in Recipe.model_fields} - {str, type(None)} | {DpoConfig}
+    assert len(sections) == 8
     for cls in (Recipe, *sections):
         assert field_help(cls).keys() == cls.model_fields.keys()
         assert all(field_help(cls).values()), cls.__name__
@@ -222,3 +224,72 @@ def test_trainer_args_are_transformers_own_names():
         with pytest.raises(QLoRAGuideError) as err:
             load_recipe("demo", [override])
         assert str(err.value) == message
+
+
+# ---------------------------------------------------------------- PEFT variants and preference tuning
+
+
+def test_peft_variants_pass_to_peft_under_their_own_names():
+    recipe = load_recipe("demo", ["lora.use_dora=true", "lora.use_rslora=true", "lora.init_lora_weights=gaussian"])
+    lora = recipe.lora.to_peft()
+    assert (lora.use_dora, lora.use_rslora, lora.init_lora_weights) == (True, True, "gaussian")
+    assert recipe.lora.scaling == pytest.approx(32 / 16**0.5)  # rsLoRA: lora_alpha / sqrt(r)
+    assert load_recipe("demo").lora.scaling == 32 / 16
+    assert load_recipe("demo", ["quantization=null", "lora.init_lora_weights=pissa_niter_4"]).lora.changes_base_weights
+    # LoftQ's adapters are set after the model is built (peft.replace_lora_weights_loftq): peft starts them as usual
+    assert load_recipe("demo", ["lora.init_lora_weights=loftq"]).lora.to_peft().init_lora_weights is True
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lora.use_dora=maybe"], "lora.use_dora: expected true or false, got 'maybe'"),
+    (["lora.use_rslora=sqrt"], "lora.use_rslora: expected true or false, got 'sqrt'"),
+    (["lora.init_lora_weights=pisa"], "lora.init_lora_weights: must be true, false, gaussian, pissa, olora, loftq or "
+                                      "pissa_niter_N, not 'pisa' (did you mean 'pissa'?)"),
+    (["lora.init_lora_weights=3"], "lora.init_lora_weights: must be true, false or a string, not 3"),
+    (["lora.init_lora_weights=eva"], "lora.init_lora_weights: eva is not supported: it needs a pass over the training data"),
+    (["lora.init_lora_weights=pissa"], "lora.init_lora_weights: pissa starts from W - B A and rewrites the base weights, "
+                                       "which a 4-bit base cannot hold exactly: set quantization: null"),
+    (["lora.init_lora_weights=olora"], "lora.init_lora_weights: olora starts from W - B A"),
+    (["quantization=null", "lora.init_lora_weights=pissa", "lora.use_dora=true"],
+     "lora.init_lora_weights: pissa with use_dora: peft cannot save the result"),
+    (["quantization=null", "lora.init_lora_weights=loftq"], "lora.init_lora_weights: loftq starts the adapters so that "
+                                                            "W_nf4 + s B A is close to W: it needs a 4-bit quantization section"),
+])
+def test_variant_settings_that_cannot_work_are_one_line_errors(overrides, message):
+    with pytest.raises(QLoRAGuideError) as err:
+        load_recipe("demo", overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_loftq_without_cuda_is_refused_before_any_model_loads(monkeypatch):
+    import torch
+
+    from qlora_guide.training.model import build_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    recipe = load_recipe("demo", ["lora.init_lora_weights=loftq", "model.name_or_path=/nonexistent/model"])
+    with pytest.raises(QLoRAGuideError, match=r"^lora\.init_lora_weights: loftq on a 4-bit base runs on CUDA or XPU only"):
+        build_model(recipe, precision=None)  # the model path would fail later: the check comes first
+
+
+def test_dpo_recipe_is_the_same_recipe_with_a_dpo_section():
+    recipe = load_recipe("dpo")
+    assert recipe.dpo.reference == "precomputed" and recipe.dpo.beta == 0.1 and recipe.data.path == "qlora-prefs"
+    assert recipe.quantization is not None and recipe.lora.r == 16  # QLoRA, as the supervised demo
+    assert load_recipe("demo").dpo is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["dpo={beta: 0.1}"], "dpo.reference: required: The reference model the DPO loss compares with"),
+    (["dpo.reference=base"], "dpo.reference: must be initial or precomputed, not 'base'"),
+    (["dpo.beta=0"], "dpo.beta: must be a positive finite number, not 0"),
+    (["dpo.beta=high"], "dpo.beta: expected a number, got 'high'"),
+    (["dpo.loss_type=sigmod"], "dpo.loss_type: must be one of sigmoid"),
+    (["data.format=messages"], "data.format: a dpo recipe trains on preference pairs (prompt, chosen, rejected): "
+                               "set auto or preference, not messages"),
+])
+def test_dpo_settings_are_checked_with_one_line_naming_the_key(overrides, message):
+    with pytest.raises(QLoRAGuideError) as err:
+        load_recipe("dpo", overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)

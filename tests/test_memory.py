@@ -353,20 +353,24 @@ def test_planned_weights_equal_tensor_bytes_bf16(embedded_model):
 
 
 @pytest.mark.slow
-def test_planned_activations_equal_what_autograd_saves(nf4_model):
-    """Exact bytes of the tensors autograd keeps (saved-tensor hooks), QLoRA without checkpointing."""
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_planned_activations_equal_what_autograd_saves(nf4_model, use_dora):
+    """Exact bytes of the tensors autograd keeps (saved-tensor hooks), QLoRA without checkpointing; and the
+    trainable parameters (DoRA adds a magnitude per output row)."""
     import peft
 
-    model = memory._peft_model(nf4_model, r=64, gradient_checkpointing=False)
+    model = memory._peft_model(nf4_model, r=64, gradient_checkpointing=False, use_dora=use_dora)
     try:
         batch = memory._random_batch(model.config.vocab_size, 1, 64, "cpu")
         model.train()
         saved = memory.saved_activation_bytes(model, batch)
+        trainable = model.get_nb_trainable_parameters()[0]
     finally:
         assert isinstance(model, peft.PeftModel)
         model.unload()  # leave the shared base model without adapters
-    planned = estimate("smollm2-135m", batch_size=1, seq_len=64, device="cpu").activations
-    assert saved == pytest.approx(planned["saved_without_checkpointing"], rel=0.03)
+    plan = estimate("smollm2-135m", batch_size=1, seq_len=64, device="cpu", use_dora=use_dora)
+    assert trainable == plan.trainable_parameters
+    assert saved == pytest.approx(plan.activations["saved_without_checkpointing"], rel=0.03)
 
 
 @pytest.mark.slow

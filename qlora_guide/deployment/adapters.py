@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlora_guide.deployment.batching import BASE_ADAPTER
 from qlora_guide.deployment.loading import (
     AUTO,
     LoadedModel,
@@ -38,7 +39,7 @@ from qlora_guide.deployment.loading import (
 )
 from qlora_guide.errors import QLoRAGuideError, first_line
 
-BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+BASE = BASE_ADAPTER
 
 
 @dataclass(frozen=True)

@@ -28,30 +28,57 @@ that the seed gives the same answer whatever else is running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qlora_guide.deployment.generation import generate_ids, model_pad_id
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 if TYPE_CHECKING:
     from qlora_guide.deployment.engine import Job
 
 
-def batch_key(job: Job) -> tuple[Any, ...]:
-    """Jobs with equal keys can share one ``generate`` call; a seeded sampled job shares with no one."""
+def batch_key(job: Job, by_adapter: bool = False) -> tuple[Any, ...]:
+    """Jobs with equal keys can share one ``generate`` call; a seeded sampled job shares with no one.
+
+    ``by_adapter``: rows of different adapters never share a call (PEFT cannot mix DoRA adapters in one batch).
+    """
     if job.temperature > 0 and job.seed is not None:
         return ("alone", id(job))
-    return (job.temperature, job.top_p if job.temperature > 0 else 1.0, job.repetition_penalty)
+    key = (job.temperature, job.top_p if job.temperature > 0 else 1.0, job.repetition_penalty)
+    return (*key, job.adapter) if by_adapter else key
 
 
-def take_batch(waiting: deque[Job], max_batch: int) -> list[Job]:
+def mixes_adapters(model: Any) -> bool:
+    """Whether rows of different adapters of ``model`` can share a batch: PEFT's ``adapter_names`` refuses DoRA."""
+    return not any(getattr(config, "use_dora", False) for config in getattr(model, "peft_config", {}).values())
+
+
+@contextlib.contextmanager
+def using_adapter(model: Any, name: str) -> Iterator[None]:
+    """Run ``model`` through one of its adapters (or none, for ``__base__``), then back to the active one."""
+    if name == BASE_ADAPTER:
+        with model.disable_adapter():
+            yield
+        return
+    previous = model.active_adapter
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+
+
+def take_batch(waiting: deque[Job], max_batch: int, by_adapter: bool = False) -> list[Job]:
     """Remove and return the oldest job and the later ones that can join it (at most ``max_batch``), in order."""
     first = waiting.popleft()
-    batch, key, kept = [first], batch_key(first), deque()
+    batch, key, kept = [first], batch_key(first, by_adapter), deque()
     while waiting:
         job = waiting.popleft()
-        (batch if len(batch) < max_batch and batch_key(job) == key else kept).append(job)
+        (batch if len(batch) < max_batch and batch_key(job, by_adapter) == key else kept).append(job)
     waiting.extendleft(reversed(kept))
     return batch
 
@@ -131,10 +158,13 @@ def generate_batch(lm: Any, jobs: Sequence[Job], eos_ids: set[int], loop: asynci
     rows = RowsDone(jobs, eos_ids, loop)
     active = getattr(lm.model, "active_adapter", None)
     adapter_names = [job.adapter or active for job in jobs]
+    route = contextlib.nullcontext()
     if all(name == active for name in adapter_names):
         adapter_names = None  # every row through the adapter the model runs anyway: PEFT's plain forward
+    elif len(set(adapter_names)) == 1 and not mixes_adapters(lm.model):
+        route, adapter_names = using_adapter(lm.model, adapter_names[0]), None
     try:
-        with lm.lock:
+        with lm.lock, route:
             generate_ids(
                 lm.model,
                 ids,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlora_guide.deployment.api_errors import ApiError
-from qlora_guide.deployment.batching import generate_batch, take_batch
+from qlora_guide.deployment.batching import generate_batch, mixes_adapters, take_batch
 from qlora_guide.deployment.detokenize import TextAssembler
 
 
@@ -114,7 +114,7 @@ class Engine:
             while not self.queue:
                 self.arrived.clear()
                 await self.arrived.wait()
-            batch = take_batch(self.queue, self.max_batch)
+            batch = take_batch(self.queue, self.max_batch, by_adapter=not mixes_adapters(self.lm.model))
             for job in batch:
                 if job.cancelled.is_set():
                     job.events.put_nowait(("end", None))

@@ -51,10 +51,18 @@ DEFAULT_PARITY_PROMPTS = (
 )
 
 
-def _lora_layers(model: Any) -> list[tuple[str, Any, Any, Any, int]]:
-    """Every LoRA layer of a PeftModel: (name, layer, exact update ``s B A``, its terms ``|s| |B| |A|``, r), in float64."""
+def _lora_layers(model: Any) -> list[tuple[str, Any, Any, Any]]:
+    """Every LoRA layer of a PeftModel: (name, layer, exact merged weight, what float32 rounding may change in it).
+
+    The merged weight is computed in float64: ``W + s B A``, and for DoRA
+    ``m * (W + s B A) / |W + s B A|`` with the norm taken over each output row.
+    The bound: ``r + 1`` roundings of the terms of ``s B A``, then the sum and
+    its storage, each at most one unit roundoff; DoRA adds the rounding of the
+    row norms (one per input feature, a summation bound) and of the scaling.
+    """
     from peft.tuners.lora import LoraLayer
 
+    u = UNIT_ROUNDOFF["float32"]
     layers = []
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
@@ -64,31 +72,38 @@ def _lora_layers(model: Any) -> list[tuple[str, Any, Any, Any, int]]:
                 continue
             a = module.lora_A[adapter].weight.detach().double()
             b = module.lora_B[adapter].weight.detach().double()
-            scale = module.scaling[adapter]
+            scale, r = module.scaling[adapter], module.r[adapter]
             delta, terms = (b @ a) * scale, (b.abs() @ a.abs()) * abs(scale)
             if getattr(module, "fan_in_fan_out", False):
                 delta, terms = delta.T, terms.T
-            layers.append((name, module, delta, terms, module.r[adapter]))
+            weight = module.get_base_layer().weight.detach().double() + delta
+            bound = (r + 1) * u * terms + 2 * u * weight.abs()
+            if module.use_dora.get(adapter, False):
+                norm = weight.norm(dim=1, keepdim=True)
+                factor = module.lora_magnitude_vector[adapter].weight.detach().double().view(-1, 1) / norm
+                relative = (weight.shape[1] + 2) * u + bound.norm(dim=1, keepdim=True) / norm
+                weight, bound = factor * weight, factor * bound + (relative + 2 * u) * (factor * weight).abs()
+            layers.append((name, module, weight, bound))
     return layers
 
 
 def update_rounding(model: Any, dtypes: tuple[str, ...] = MERGE_DTYPES) -> dict[str, Any]:
     """How much of the LoRA update each save dtype would lose, and the exact merged weights' error bound.
 
-    For every adapted layer, the exact merged weight is ``W + s B A`` (float64).
-    Storing it in a dtype rounds it; ``lost_share[dtype]`` is the size of that
-    rounding error relative to the update itself (Frobenius norms over all
-    layers): 0.5 means the stored weights misstate the update by half its size.
-    The update is small next to ``W``, so a dtype with 8 significant bits
-    (bfloat16) can lose most of it while barely changing ``W``.
+    For every adapted layer, the exact merged weight is ``W + s B A`` (float64;
+    DoRA rescales its rows, see :func:`_lora_layers`), and the update is its
+    difference from ``W``. Storing it in a dtype rounds it; ``lost_share[dtype]``
+    is the size of that rounding error relative to the update itself (Frobenius
+    norms over all layers): 0.5 means the stored weights misstate the update by
+    half its size. The update is small next to ``W``, so a dtype with 8
+    significant bits (bfloat16) can lose most of it while barely changing ``W``.
     """
     import torch
 
     err2 = dict.fromkeys(dtypes, 0.0)
     update2, layers = 0.0, []
-    for name, module, delta, _terms, _r in _lora_layers(model):
-        target = module.get_base_layer().weight.detach().double() + delta
-        update2 += float((delta**2).sum())
+    for name, module, target, _bound in _lora_layers(model):
+        update2 += float(((target - module.get_base_layer().weight.detach().double()) ** 2).sum())
         for dtype in dtypes:
             stored = target.to(getattr(torch, dtype)).double()
             err2[dtype] += float(((stored - target) ** 2).sum())
@@ -100,18 +115,9 @@ def update_rounding(model: Any, dtypes: tuple[str, ...] = MERGE_DTYPES) -> dict[
 
 
 def _exact_targets(model: Any) -> dict[str, tuple[Any, Any]]:
-    """Per LoRA layer, before merging: the exact merged weight (float64) and what float32 rounding may change in it.
-
-    The bound: ``r + 1`` roundings of the terms of ``s B A``, then the sum and
-    its storage, each at most one unit roundoff (what :func:`merge_adapter`
-    checks, element by element).
-    """
-    u = UNIT_ROUNDOFF["float32"]
-    targets = {}
-    for name, module, delta, terms, r in _lora_layers(model):
-        target = module.get_base_layer().weight.detach().double() + delta
-        targets[name] = (target, (r + 1) * u * terms + 2 * u * target.abs())
-    return targets
+    """Per LoRA layer, before merging: the exact merged weight (float64) and what float32 rounding may change in it
+    (what :func:`merge_adapter` checks, element by element)."""
+    return {name: (target, bound) for name, _module, target, bound in _lora_layers(model)}
 
 
 def _check_merged_weights(merged: Any, targets: dict[str, tuple[Any, Any]], dtype: str) -> dict[str, Any]:

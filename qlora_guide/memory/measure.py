@@ -279,14 +279,14 @@ def _random_batch(vocab_size: int, batch_size: int, seq_len: int, device: str, s
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def _peft_model(model: Any, r: int, gradient_checkpointing: bool) -> Any:
-    """Attach the guide's LoRA adapters and enable checkpointing as the training code does."""
+def _peft_model(model: Any, r: int, gradient_checkpointing: bool, use_dora: bool = False) -> Any:
+    """Attach the guide's LoRA (or DoRA) adapters and enable checkpointing as the training code does."""
 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    return peft.get_peft_model(model, LoraConfig(r=r).to_peft())
+    return peft.get_peft_model(model, LoraConfig(r=r, use_dora=use_dora).to_peft())
 
 
 def _train_steps(model: Any, batch: dict[str, Any], steps: int,

@@ -11,7 +11,7 @@ run's settings, and breaks the answer down::
                         quantization 8-bit absmax + one fp32 constant per 256 blocks
     16-bit weights      embeddings, norms, biases and lm_head, kept in ``dtype``
                         (tied embeddings counted once)
-    LoRA weights        r * (in + out) per adapted layer, in ``adapter_dtype``:
+    LoRA weights        r * (in + out) per adapted layer (DoRA: + out, its magnitudes), in ``adapter_dtype``:
                         float32 by default, as peft keeps adapters when the base
                         is bf16/fp16; bfloat16 where the training script casts
                         them, as the QLoRA paper's ``qlora.py`` does with ``--bf16``
@@ -39,6 +39,8 @@ L = layers, d = bytes per element of ``dtype``, a = bytes per element of
                                                 after dropout + its 1-byte mask, and the
                                                 r-wide middle; on the CPU the mask has
                                                 the input's dtype: 2a * in)
+    each DoRA adapter    + 2a * T * out        (the base and LoRA outputs, which the magnitude's
+                                                gradient needs)
     full fine-tuning     d * T * (2h + q + i)  (inputs kept for the weight gradients)
 
 Without gradient checkpointing every layer keeps its tensors. With it, only
@@ -47,7 +49,9 @@ during the backward pass. The loss is often the peak: the logits in float32,
 the log-softmax kept for the backward pass and two gradients of the same size,
 ``12 * T * vocab_size`` bytes. A layer's backward pass also needs a workspace
 of temporary gradients, ``(4 + 2d) * T * max(h, i)``, plus for qlora one
-linear weight dequantized to ``dtype``. Peak activations are therefore::
+linear weight dequantized to ``dtype``; DoRA adds three of its largest weight in
+``adapter_dtype`` (``B A``, ``W + s B A`` for its row norms, and ``W`` cast to the
+adapters' dtype). Peak activations are therefore::
 
     with checkpointing:    L * d*T*h + head + max(logits, layer + workspace)
     without:               L * layer + head + max(logits, workspace)
@@ -248,14 +252,16 @@ def quantized_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) 
     return codes, constants + CODE_4BIT_BYTES
 
 
-def lora_parameters(shape: ModelShape, r: int, target_modules: tuple[str, ...]) -> int:
-    """r * (in + out) for every adapted linear layer of every block."""
+def lora_parameters(shape: ModelShape, r: int, target_modules: tuple[str, ...], use_dora: bool = False) -> int:
+    """r * (in + out) for every adapted linear layer of every block, plus DoRA's ``out`` magnitudes."""
     shapes = shape.linear_shapes()
-    return shape.num_hidden_layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in target_modules)
+    per_block = sum(r * (shapes[n][0] + shapes[n][1]) + (shapes[n][1] if use_dora else 0) for n in target_modules)
+    return shape.num_hidden_layers * per_block
 
 
 def layer_activation_bytes(shape: ModelShape, tokens: int, method: str, r: int, target_modules: tuple[str, ...],
-                           dtype_bytes: int, lora_dropout: float, device: str = "cuda", adapter_bytes: int = 4) -> int:
+                           dtype_bytes: int, lora_dropout: float, device: str = "cuda", adapter_bytes: int = 4,
+                           use_dora: bool = False) -> int:
     """Bytes autograd saves for the backward pass of one decoder block (formula in the module docstring)."""
     h, i, d = shape.hidden_size, shape.intermediate_size, dtype_bytes
     saved = 2 * (4 * h + 4)  # two RMSNorms: fp32 input copy and 1/rms per token
@@ -269,13 +275,14 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, method: str, r: int, 
         a = adapter_bytes
         per_input = a + ((1 if device == "cuda" else a) if lora_dropout > 0 else 0)
         shapes = shape.linear_shapes()
-        saved += sum(per_input * shapes[n][0] + a * r for n in target_modules)
+        saved += sum(per_input * shapes[n][0] + a * r + (2 * a * shapes[n][1] if use_dora else 0) for n in target_modules)
     return tokens * saved
 
 
 def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, method: str, r: int,
                      target_modules: tuple[str, ...], dtype_bytes: int, lora_dropout: float,
-                     device: str = "cuda", gradient_bytes: int = 0, adapter_bytes: int = 4) -> dict[str, int]:
+                     device: str = "cuda", gradient_bytes: int = 0, adapter_bytes: int = 4,
+                     use_dora: bool = False) -> dict[str, int]:
     """Peak activation memory with and without gradient checkpointing, and its parts.
 
     ``peak_*`` are the activations alone. ``backward_*`` add the gradients
@@ -285,10 +292,14 @@ def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, method: s
     tokens = batch_size * seq_len
     d = dtype_bytes
     layers = shape.num_hidden_layers
-    layer = layer_activation_bytes(shape, tokens, method, r, target_modules, d, lora_dropout, device, adapter_bytes)
+    layer = layer_activation_bytes(shape, tokens, method, r, target_modules, d, lora_dropout, device, adapter_bytes,
+                                   use_dora)
     workspace = (4 + 2 * d) * tokens * max(shape.hidden_size, shape.intermediate_size)
+    largest = max(a * b for a, b in shape.linear_shapes().values())
     if method == "qlora":
-        workspace += d * max(a * b for a, b in shape.linear_shapes().values())  # one dequantized weight
+        workspace += d * largest  # one dequantized weight
+    if use_dora:
+        workspace += 3 * adapter_bytes * largest  # B A, W + s B A, and W in the adapters' dtype
     checkpoints = layers * d * tokens * shape.hidden_size
     head = tokens * (4 * shape.hidden_size + 4)  # final RMSNorm
     logits = 12 * tokens * shape.vocab_size  # fp32 logits, log-softmax, two gradients
@@ -308,7 +319,7 @@ def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, method: s
 
 
 def _weight_rows(shape: ModelShape, method: str, n_lora: int, r: int, n_modules: int, blocksize: int,
-                 double_quant: bool, dtype: str, adapter_dtype: str = "float32") -> list[Row]:
+                 double_quant: bool, dtype: str, adapter_dtype: str = "float32", use_dora: bool = False) -> list[Row]:
     """The stored weights: 4-bit codes and constants (qlora), 16-bit weights, LoRA adapters."""
     d = DTYPE_BYTES[dtype]
     total, linear = shape.num_parameters(), shape.linear_parameters()
@@ -327,7 +338,8 @@ def _weight_rows(shape: ModelShape, method: str, n_lora: int, r: int, n_modules:
         rows.append(Row("16-bit weights", d * total, f"all {total / 1e9:.2f} B weights in {dtype}"))
     if n_lora:
         rows.append(Row("LoRA weights", DTYPE_BYTES[adapter_dtype] * n_lora,
-                        f"{n_lora / 1e6:.1f} M in {adapter_dtype}, r={r}, {n_modules} modules"))
+                        f"{n_lora / 1e6:.1f} M in {adapter_dtype}, r={r}, {n_modules} modules"
+                        + (", DoRA magnitudes" if use_dora else "")))
     return rows
 
 
@@ -366,6 +378,7 @@ def estimate(
     lora_dropout: float = 0.05,
     device: str = "cuda",
     adapter_dtype: str = "float32",
+    use_dora: bool = False,
 ) -> MemoryEstimate:
     """Plan the peak memory of training (and of inference) for ``model`` with ``method``.
 
@@ -380,16 +393,20 @@ def estimate(
     adapters in fp32 over a bf16/fp16 base): use it to plan your own run.
     ``bfloat16`` is the QLoRA paper's setting, whose ``qlora.py`` casts every
     LoRA layer to bf16 after creating it (:func:`qlora_guide.memory.claims.paper_headline_check`).
+
+    ``use_dora`` plans DoRA (peft's ``use_dora``): a trainable magnitude per
+    output row, and what its forward pass keeps and computes (module docstring).
     """
     _check_settings(method, batch_size, seq_len, r, blocksize, optimizer, dtype, lora_dropout, device, adapter_dtype)
     modules = _target_modules(target_modules)
     shape = load_model_shape(model)
     d, a = DTYPE_BYTES[dtype], DTYPE_BYTES[adapter_dtype]
     total_params = shape.num_parameters()
-    n_lora = 0 if method == "full" else lora_parameters(shape, r, modules)
+    n_lora = 0 if method == "full" else lora_parameters(shape, r, modules, use_dora)
     trainable = total_params if method == "full" else n_lora
 
-    weights = _weight_rows(shape, method, n_lora, r, len(modules), blocksize, double_quant, dtype, adapter_dtype)
+    weights = _weight_rows(shape, method, n_lora, r, len(modules), blocksize, double_quant, dtype, adapter_dtype,
+                           use_dora)
 
     per_param, per_tensor = OPTIMIZERS[optimizer]
     if method == "full":
@@ -397,7 +414,7 @@ def estimate(
         n_tensors = 7 * shape.num_hidden_layers
     else:
         grads = Row("gradients", a * trainable, f"LoRA weights only, {adapter_dtype}")
-        n_tensors = 2 * len(modules) * shape.num_hidden_layers
+        n_tensors = (3 if use_dora else 2) * len(modules) * shape.num_hidden_layers
         if optimizer in STATES_IN_PARAMETER_DTYPE:
             per_param = 2.0 * a
     states = Row("optimizer states", int(per_param * trainable) + per_tensor * n_tensors, optimizer)
@@ -407,7 +424,8 @@ def estimate(
     update = Row("optimizer update", grads.bytes if foreach else 0,
                  "AdamW temporaries (torch foreach)" if foreach else "fused update, no temporaries")
 
-    act = activation_bytes(shape, batch_size, seq_len, method, r, modules, d, lora_dropout, device, grads.bytes, a)
+    act = activation_bytes(shape, batch_size, seq_len, method, r, modules, d, lora_dropout, device, grads.bytes, a,
+                           use_dora and method != "full")
     persistent = sum(row.bytes for row in weights) + states.bytes
 
     def peak(checkpointing: bool) -> tuple[int, int, str]:
@@ -446,7 +464,7 @@ def estimate(
     settings = dict(batch_size=batch_size, seq_len=seq_len, r=r, target_modules=list(modules),
                     gradient_checkpointing=gradient_checkpointing, double_quant=double_quant, blocksize=blocksize,
                     optimizer=optimizer, dtype=dtype, lora_dropout=lora_dropout, device=device,
-                    adapter_dtype=adapter_dtype)
+                    adapter_dtype=adapter_dtype, use_dora=use_dora)
     return MemoryEstimate(
         model=shape.name, method=method, settings=settings, parameters=total_params,
         quantized_parameters=shape.linear_parameters() if method == "qlora" else 0, trainable_parameters=trainable,

@@ -198,14 +198,23 @@ def initial_eval_loss(history: Path) -> float | None:
 
 def save_adapter(trainer: Any, tokenizer: Any, output_dir: Path, files: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write the adapter and tokenizer into a temporary folder, then ``files`` (metrics, manifest), then rename
-    the folder into place: a run whose ``adapter/`` exists is complete, whenever it was killed."""
+    the folder into place: a run whose ``adapter/`` exists is complete, whenever it was killed.
+
+    A run that started from PiSSA or OLoRA (it has ``initial-adapter/``) is saved as the difference from that
+    start, which peft writes as a plain LoRA of the original weights (rank 2 r): it loads, merges and serves
+    on the unchanged base like any other adapter.
+    """
     run = RunFolder(output_dir)
     final, tmp = run.adapter, run.adapter_staging
     if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
     if getattr(trainer, "is_fsdp_enabled", False):
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(tmp))  # gathers the weights under FSDP; writes on the main process only
+    if run.initial_adapter.is_dir():
+        if trainer.is_world_process_zero():
+            trainer.model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=str(run.initial_adapter))
+    else:
+        trainer.save_model(str(tmp))  # gathers the weights under FSDP; writes on the main process only
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(tmp))
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of the adapter

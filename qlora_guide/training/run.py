@@ -37,7 +37,14 @@ from qlora_guide.training.devices import (
     resolve_precision,
     world_size,
 )
-from qlora_guide.training.model import build_model, trainable_parameters
+from qlora_guide.training.model import build_model, save_initial_adapter, start_adapter, trainable_parameters
+from qlora_guide.training.preference import (
+    drop_reference_adapter,
+    load_pairs,
+    make_preference_trainer,
+    preference_arguments,
+    prepare_pairs,
+)
 from qlora_guide.training.result import TrainResult
 from qlora_guide.training.trainer import make_trainer, training_arguments
 from qlora_guide.versions import package_versions
@@ -80,14 +87,22 @@ def train(
     precision = resolve_precision(recipe)
     for note in precision.notes:
         log.warning(note)
-    examples = load_examples(recipe.data)  # a missing or malformed data file is found before any model loads
+    preference = recipe.dpo is not None
+    if preference:
+        start_adapter(recipe)  # a missing or mismatched starting adapter is found before any model loads
+    # a missing or malformed data file is found before any model loads, too
+    examples = load_pairs(recipe.data) if preference else load_examples(recipe.data)
     tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
-    data = prepare_data(recipe.data, tokenizer, recipe.training.per_device_train_batch_size, splits=examples)
+    if preference:
+        data = prepare_pairs(recipe.data, tokenizer, examples)
+    else:
+        data = prepare_data(recipe.data, tokenizer, recipe.training.per_device_train_batch_size, splits=examples)
     model = build_model(recipe, precision)
     trainable, total = trainable_parameters(model)
     log.info("trainable params: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     free_memory()
-    args = training_arguments(recipe, precision, out, data.validation is not None)
+    arguments = preference_arguments if preference else training_arguments
+    args = arguments(recipe, precision, out, data.validation is not None)
     _ = args.device  # sets the devices up, and under torchrun/accelerate the process group
 
     checkpoint = None
@@ -100,18 +115,21 @@ def train(
             trim_history(run_folder.metrics_log, checkpoint_step(checkpoint) or 0 if checkpoint else 0)
         else:
             write_text_atomic(run_folder.recipe, recipe.to_yaml())
+        if recipe.lora.changes_base_weights:
+            save_initial_adapter(model, run_folder.initial_adapter)
     barrier()
     if resume and not is_main_process():
         checkpoint = latest_checkpoint(out)
     if resume and checkpoint is None:
         log.warning("--resume: %s has no complete checkpoint yet: starting from step 0", out)
 
-    trainer = make_trainer(recipe, model, tokenizer, data, args, out)
+    trainer = (make_preference_trainer if preference else make_trainer)(recipe, model, tokenizer, data, args, out)
     trainer.run_state = RunState.load(checkpoint, args.process_index)
     initial_eval = None
     if data.validation is not None:
         initial_eval = trainer.evaluate()["eval_loss"] if checkpoint is None else initial_eval_loss(run_folder.metrics_log)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    drop_reference_adapter(trainer.model)
     free_memory()
     metrics = _final_metrics(trainer, output, data, initial_eval)
     result = TrainResult(out, run_folder.adapter, metrics, trainable, total, data.train_stats, data.validation_stats,
@@ -147,7 +165,10 @@ def _final_metrics(trainer: Any, output: Any, data: PreparedData, initial_eval: 
     }
     if initial_eval is not None:
         metrics["initial_eval_loss"] = initial_eval
-    if data.validation is not None:
+    if data.validation is not None and data.data_format == "preference":  # the DPO loss and rewards of the kept adapter
+        final = trainer.evaluate()
+        metrics.update({k: v for k, v in final.items() if k == "eval_loss" or k.startswith(("eval_rewards", "eval_logps"))})
+    elif data.validation is not None:
         if state.best_metric is not None and state.best_global_step:  # the kept model was evaluated already
             metrics["eval_loss"] = state.best_metric
             metrics["eval_perplexity"] = math.exp(min(state.best_metric, 50))

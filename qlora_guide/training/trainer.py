@@ -28,11 +28,40 @@ from qlora_guide.training.checkpoints import RunState, mark_complete
 from qlora_guide.training.devices import fsdp_enabled, memory_stats
 
 
-class QLoRATrainer(Trainer):
-    """transformers' Trainer with answer-only logits, a token-weighted evaluation, a memory log and a NaN/inf guard."""
+class RunTrainer:
+    """What every trainer of a run adds to its library's Trainer (transformers', TRL's): a NaN/inf guard, the
+    run's token counts and loss sum (:class:`RunState`, saved in each checkpoint) and memory in every log."""
 
     answer_only: AnswerOnlyLogits | None = None
     run_state: RunState
+
+    def count_tokens(self, inputs: dict[str, Any]) -> tuple[int, int]:
+        """(real, padding) tokens of the batch just trained on."""
+        raise NotImplementedError
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise QLoRAGuideError(
+                f"training stopped at step {self.state.global_step + 1}: the loss became {float(loss.float().mean())} "
+                "(lower training.learning_rate or training.max_grad_norm, or set training.bf16=false)"
+            )
+        self.run_state.add(float(loss.float().mean()), *self.count_tokens(inputs))
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)  # the completion marker, written after this, covers the state file
+        folder = Path(self._get_output_dir(trial)) / checkpoint_name(self.state.global_step)
+        self.run_state.save(folder, self.args.process_index)
+
+    def log(self, logs, start_time=None):
+        logs.update(memory_stats())
+        logs["train_tokens_seen"] = self.run_state.real_tokens
+        super().log(logs, start_time)
+
+
+class QLoRATrainer(RunTrainer, Trainer):
+    """transformers' Trainer with answer-only logits and a token-weighted evaluation (and :class:`RunTrainer`'s guards)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         head = self.answer_only
@@ -48,21 +77,8 @@ class QLoRATrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # as Trainer does: DDP averages the gradients
         return loss
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            raise QLoRAGuideError(
-                f"training stopped at step {self.state.global_step + 1}: the loss became {float(loss.float().mean())} "
-                "(lower training.learning_rate or training.max_grad_norm, or set training.bf16=false)"
-            )
-        real, padding = self.data_collator.take()
-        self.run_state.add(float(loss.float().mean()), real, padding)
-        return loss
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)  # the completion marker, written after this, covers the state file
-        folder = Path(self._get_output_dir(trial)) / checkpoint_name(self.state.global_step)
-        self.run_state.save(folder, self.args.process_index)
+    def count_tokens(self, inputs: dict[str, Any]) -> tuple[int, int]:
+        return self.data_collator.take()
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
         batches = (self._prepare_inputs(b) for b in dataloader)
@@ -80,12 +96,6 @@ class QLoRATrainer(Trainer):
             f"{metric_key_prefix}_tokens": int(totals[1]),
         }
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(dataloader.dataset))
-
-    def log(self, logs, start_time=None):
-        logs.update(memory_stats())
-        logs["train_tokens_seen"] = self.run_state.real_tokens
-        super().log(logs, start_time)
-
 
 class CheckpointMarker(TrainerCallback):
     """After every save: wait for all processes, then mark the checkpoint complete."""
@@ -145,8 +155,11 @@ def package_training_arguments(recipe: Recipe, precision: Precision, output_dir:
     }
 
 
-def training_arguments(recipe: Recipe, precision: Precision, output_dir: Path, has_validation: bool) -> Any:
+def training_arguments(recipe: Recipe, precision: Precision, output_dir: Path, has_validation: bool,
+                       arguments_class: type = TrainingArguments, **extra: Any) -> Any:
     """TrainingArguments from the recipe's training section, by field name, and the resolved precision.
+
+    ``arguments_class`` is TrainingArguments or a subclass (TRL's ``DPOConfig``), whose own fields come in ``extra``.
 
     Every training field whose name is a ``TrainingArguments`` field passes
     under that name (:data:`~qlora_guide.config.TRAINING_ARGUMENT_NAMES` maps
@@ -170,9 +183,10 @@ def training_arguments(recipe: Recipe, precision: Precision, output_dir: Path, h
         **defaults,
         **t.trainer_args,
         **package_training_arguments(recipe, precision, output_dir, has_validation),
+        **extra,
     }
     try:
-        return TrainingArguments(**kwargs)
+        return arguments_class(**kwargs)
     except (TypeError, ValueError) as err:
         if not t.trainer_args:
             raise
@@ -194,12 +208,23 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
-def make_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, args: Any, out: Path) -> QLoRATrainer:
-    """The Trainer of a run in ``out``: its callbacks, TensorBoard folder, answer-only logits and FSDP wrapping."""
+def tensorboard_logs(out: Path) -> contextlib.AbstractContextManager:
+    """Within it, a Trainer being built sends its TensorBoard events to the run's ``logs/``."""
+    return _env(TENSORBOARD_LOGGING_DIR=str(RunFolder(out).logs))  # read by the TensorBoard callback when it is built
+
+
+def run_callbacks(recipe: Recipe, out: Path) -> list[TrainerCallback]:
+    """The callbacks of every run: checkpoint markers, the metrics history, and early stopping if the recipe asks."""
     callbacks = [CheckpointMarker(), MetricsHistory(RunFolder(out).metrics_log)]
     if recipe.training.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.training.early_stopping_patience))
-    with _env(TENSORBOARD_LOGGING_DIR=str(RunFolder(out).logs)):  # read by the TensorBoard callback when it is built
+    return callbacks
+
+
+def make_trainer(recipe: Recipe, model: Any, tokenizer: Any, data: PreparedData, args: Any, out: Path) -> QLoRATrainer:
+    """The Trainer of a run in ``out``: its callbacks, TensorBoard folder, answer-only logits and FSDP wrapping."""
+    callbacks = run_callbacks(recipe, out)
+    with tensorboard_logs(out):
         trainer = QLoRATrainer(
             model=model,
             args=args,
