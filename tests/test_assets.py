@@ -223,3 +223,34 @@ def test_load_dataset_json_gives_the_three_splits(data, tmp_path):
         assert loaded[split].column_names == FIELDS, split
         assert loaded[split].num_rows == len(data[split]), split
         assert loaded[split][0]["messages"] == data[split][0]["messages"], split
+
+
+# ---------------------------------------------------------------- the preference pairs (qlora_prefs)
+
+PREFS_DIR = Path(str(files("qlora_guide.assets") / "qlora_prefs"))
+PREF_FIELDS = ["id", "pair_id", "lang", "topic", "rejection", "prompt", "chosen", "rejected"]
+
+
+def test_preference_pairs_are_well_formed_bilingual_and_do_not_leak():
+    """Every pair has one English and one French version in one split, one user prompt and two different
+    non-empty assistant answers of similar length (a model must not win on length alone)."""
+    seen: dict[str, str] = {}
+    sizes = {}
+    for split in SPLITS:
+        rows = [json.loads(line) for line in (PREFS_DIR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+        sizes[split] = len(rows)
+        by_pair = defaultdict(list)
+        for row in rows:
+            assert list(row) == PREF_FIELDS, row["id"]
+            assert row["lang"] in LANGS and row["topic"] in TOPICS and row["rejection"] in ("wrong", "unhelpful"), row["id"]
+            assert [m["role"] for m in row["prompt"]] == ["user"], row["id"]
+            chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+            assert chosen.strip() and rejected.strip() and chosen != rejected, row["id"]
+            assert 0.5 < len(chosen) / len(rejected) < 2, row["id"]
+            assert seen.setdefault(row["pair_id"], split) == split, f"pair {row['pair_id']} is in two splits"
+            by_pair[row["pair_id"]].append(row["lang"])
+        assert all(sorted(langs) == ["en", "fr"] for langs in by_pair.values()), split
+    assert sizes == {"train": 80, "validation": 16, "test": 24}
+    card = (PREFS_DIR / "README.md").read_text(encoding="utf-8")
+    for split, n in sizes.items():
+        assert re.search(rf"`{split}`\s*\|\s*{n // 2}\s*\|\s*{n}", card), f"the card's {split} row does not match the files"

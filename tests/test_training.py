@@ -487,3 +487,44 @@ def test_cuda_uses_paged_adamw_and_bf16(tiny_recipe):
     assert manifest["precision"]["optim"] == "paged_adamw_32bit"
     assert manifest["precision"]["bf16"] == torch.cuda.is_bf16_supported(including_emulation=False)
     assert result.metrics["mem_cuda_peak_allocated_mb"] > 0
+
+
+@pytest.mark.slow
+def test_variant_adapters_train_merge_and_serve_like_plain_lora(tiny_recipe, tmp_path):
+    """DoRA, rsLoRA and PiSSA recipes train; each adapter merges within the rounding bound into a model that answers
+    as the adapter does, and serves; DoRA and rsLoRA together on one 4-bit base, although PEFT cannot batch DoRA
+    with other adapters."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from qlora_guide.deployment.merging import merge_adapter
+    from qlora_guide.deployment.serving import make_server
+
+    short = ["training.max_steps=1", "data.validation_split=null", "training.save_steps=1"]
+    variants = {"dora": ["lora.use_dora=true"], "rslora": ["lora.use_rslora=true", "lora.r=16"],
+                "pissa": ["quantization=null", "lora.init_lora_weights=pissa_niter_2"]}
+    runs = {name: train(tiny_recipe, [*overrides, *short], output_dir=tmp_path / name).output_dir
+            for name, overrides in variants.items()}
+    saved = {name: json.loads((run / "adapter" / "adapter_config.json").read_text()) for name, run in runs.items()}
+    assert saved["dora"]["use_dora"] and saved["rslora"]["use_rslora"] and saved["rslora"]["r"] == 16
+    # PiSSA rewrote the base: its adapter is saved as the difference from its start, a rank-2r LoRA of the original weights
+    assert (runs["pissa"] / "initial-adapter").is_dir() and saved["pissa"]["r"] == 8 and saved["pissa"]["init_lora_weights"] is True
+    for name, run in runs.items():
+        merged = merge_adapter(run, tmp_path / f"{name}-merged", parity_prompts=("What is QLoRA?",), parity_tokens=6,
+                               compare_naive=False)
+        assert merged.weights["weights_within_bound"], (name, merged.weights)
+        assert merged.parity["greedy_agree"] and merged.parity["max_logit_diff"] < 1e-2, (name, merged.parity)
+    question = [{"role": "user", "content": "What does NF4 store?"}]
+    for folders in ([runs["dora"], runs["rslora"]], [runs["pissa"]]):
+        with make_server(folders, max_tokens_limit=8, quantization=QuantizationConfig(bnb_4bit_compute_dtype="float32")) as srv:
+            srv.start()
+            client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
+            names = [m.id for m in client.models.list().data]
+
+            def ask(model, client=client):
+                return client.chat.completions.create(model=model, messages=question, max_tokens=6, temperature=0).choices[0].message.content
+
+            alone = {model: ask(model) for model in names}
+            with ThreadPoolExecutor(max_workers=6) as pool:
+                assert list(pool.map(ask, names * 2)) == [alone[m] for m in names] * 2

@@ -24,6 +24,7 @@ new metric module in :mod:`qlora_guide.metrics`)::
     report.py            evaluate_run(): what `qlora-guide evaluate` runs; JSON and Markdown reports
     compare.py           one model evaluated; variants compared on the same data, with ratios
     likelihood.py        perplexity on answer tokens
+    preferences.py       which answer of a preference pair a model prefers, two models compared
     answers.py           generated answers, BLEU, chrF, language and repetition, paired intervals
     speed.py             time to first token, tokens per second, peak memory
     data.py              the split evaluated: prompts, references, labels
@@ -41,6 +42,7 @@ from qlora_guide.evaluation.answers import (
 from qlora_guide.evaluation.compare import add_ratios, compare_models, compare_to_reference, evaluate_model
 from qlora_guide.evaluation.data import load_split, prompts_and_references, run_split, tokenize_for_loss
 from qlora_guide.evaluation.likelihood import answer_nll, answer_nll_per_example, perplexity
+from qlora_guide.evaluation.preferences import compare_preferences, preference_margins
 from qlora_guide.evaluation.report import (
     COLUMNS,
     REPORT_JSON,
@@ -56,9 +58,9 @@ from qlora_guide.evaluation.trainer_metrics import compute_metrics, preprocess_l
 
 __all__ = [
     "COLUMNS", "REPORT_JSON", "REPORT_MD", "SPEED_PROMPT", "add_ratios", "answer_measures", "answer_nll",
-    "answer_nll_per_example", "check_report_folder", "compare_answers", "compare_models", "compare_rows",
+    "answer_nll_per_example", "check_report_folder", "compare_answers", "compare_preferences", "compare_models", "compare_rows",
     "compare_to_reference", "compute_metrics", "evaluate_model", "evaluate_run", "format_report",
     "generate_answers", "generation_scores", "load_split", "markdown_table", "measure_generation", "perplexity",
-    "preprocess_logits_for_metrics", "prompts_and_references", "question_languages", "run_split",
+    "preference_margins", "preprocess_logits_for_metrics", "prompts_and_references", "question_languages", "run_split",
     "tokenize_for_loss", "write_report",
 ]
