@@ -353,13 +353,16 @@ def test_planned_weights_equal_tensor_bytes_bf16(embedded_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_planned_activations_equal_what_autograd_saves(nf4_model, use_dora):
+@pytest.mark.parametrize(("use_dora", "lora_dropout"), [(False, 0.05), (True, 0.05), (True, 0.0)],
+                         ids=["lora", "dora", "dora-no-dropout"])
+def test_planned_activations_equal_what_autograd_saves(nf4_model, use_dora, lora_dropout):
     """Exact bytes of the tensors autograd keeps (saved-tensor hooks), QLoRA without checkpointing; and the
-    trainable parameters (DoRA adds a magnitude per output row)."""
+    trainable parameters (DoRA adds a magnitude per output row). With dropout, DoRA keeps a dequantized copy
+    of every adapted weight; without, it does not."""
     import peft
 
-    model = memory._peft_model(nf4_model, r=64, gradient_checkpointing=False, use_dora=use_dora)
+    model = memory._peft_model(nf4_model, r=64, gradient_checkpointing=False, use_dora=use_dora,
+                               lora_dropout=lora_dropout)
     try:
         batch = memory._random_batch(model.config.vocab_size, 1, 64, "cpu")
         model.train()
@@ -368,7 +371,8 @@ def test_planned_activations_equal_what_autograd_saves(nf4_model, use_dora):
     finally:
         assert isinstance(model, peft.PeftModel)
         model.unload()  # leave the shared base model without adapters
-    plan = estimate("smollm2-135m", batch_size=1, seq_len=64, device="cpu", use_dora=use_dora)
+    plan = estimate("smollm2-135m", batch_size=1, seq_len=64, device="cpu", use_dora=use_dora,
+                  lora_dropout=lora_dropout)
     assert trainable == plan.trainable_parameters
     assert saved == pytest.approx(plan.activations["saved_without_checkpointing"], rel=0.03)
 

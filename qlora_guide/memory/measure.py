@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,9 +247,12 @@ def model_tensor_bytes(model: Any) -> dict[str, int]:
 def saved_activation_bytes(model: Any, batch: dict[str, Any]) -> int:
     """Bytes autograd keeps for the backward pass of one forward pass with loss, measured exactly.
 
-    A ``saved_tensors_hooks`` pair records each saved tensor's storage once;
-    parameters and quantization constants (not activations) are left out. Run it
-    without gradient checkpointing: checkpointing installs its own hooks.
+    A ``saved_tensors_hooks`` pair sees every tensor saved for backward; those
+    still held when the forward pass ends are counted, each storage once. A
+    tensor saved by an intermediate graph that is dropped before the loss
+    (DoRA's ``lora_B(lora_A(eye))`` for its weight norm) does not count.
+    Parameters and quantization constants (not activations) are left out. Run
+    it without gradient checkpointing: checkpointing installs its own hooks.
     """
 
     exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -256,16 +260,17 @@ def saved_activation_bytes(model: Any, batch: dict[str, Any]) -> int:
         state = getattr(p, "quant_state", None)
         if state is not None:
             exclude.update(t.untyped_storage().data_ptr() for t in (state.absmax, state.code) if t is not None)
-    sizes: dict[int, int] = {}
+    saved: list[weakref.ref] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude and storage.device.type != "meta":
-            sizes[storage.data_ptr()] = storage.nbytes()
+        saved.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(**batch).loss
+    held = [t.untyped_storage() for t in (ref() for ref in saved) if t is not None]
+    sizes = {s.data_ptr(): s.nbytes() for s in held if s.data_ptr() not in exclude and s.device.type != "meta"}
+    del held
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(sizes.values())
@@ -279,14 +284,15 @@ def _random_batch(vocab_size: int, batch_size: int, seq_len: int, device: str, s
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def _peft_model(model: Any, r: int, gradient_checkpointing: bool, use_dora: bool = False) -> Any:
+def _peft_model(model: Any, r: int, gradient_checkpointing: bool, use_dora: bool = False,
+                lora_dropout: float = 0.05) -> Any:
     """Attach the guide's LoRA (or DoRA) adapters and enable checkpointing as the training code does."""
 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    return peft.get_peft_model(model, LoraConfig(r=r, use_dora=use_dora).to_peft())
+    return peft.get_peft_model(model, LoraConfig(r=r, use_dora=use_dora, lora_dropout=lora_dropout).to_peft())
 
 
 def _train_steps(model: Any, batch: dict[str, Any], steps: int,

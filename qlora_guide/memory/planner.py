@@ -39,8 +39,12 @@ L = layers, d = bytes per element of ``dtype``, a = bytes per element of
                                                 after dropout + its 1-byte mask, and the
                                                 r-wide middle; on the CPU the mask has
                                                 the input's dtype: 2a * in)
-    each DoRA adapter    + 2a * T * out        (the base and LoRA outputs, which the magnitude's
-                                                gradient needs)
+    each DoRA adapter    + (d+a) * T * out     (the base and LoRA outputs, which the magnitude's
+                                                gradient needs); with lora_dropout > 0, peft
+                                                recomputes the base output in the adapters'
+                                                dtype from the dropped-out input, and keeps the
+                                                dequantized weight for it: 2a * T * out
+                                                + a * in * out, whatever T
     full fine-tuning     d * T * (2h + q + i)  (inputs kept for the weight gradients)
 
 Without gradient checkpointing every layer keeps its tensors. With it, only
@@ -275,7 +279,14 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, method: str, r: int, 
         a = adapter_bytes
         per_input = a + ((1 if device == "cuda" else a) if lora_dropout > 0 else 0)
         shapes = shape.linear_shapes()
-        saved += sum(per_input * shapes[n][0] + a * r + (2 * a * shapes[n][1] if use_dora else 0) for n in target_modules)
+        saved += sum(per_input * shapes[n][0] + a * r for n in target_modules)
+        if use_dora and lora_dropout > 0:
+            # the base output is recomputed from the dropped-out input with the dequantized weight, in
+            # the adapters' dtype, and autograd keeps that weight: a copy of every adapted weight
+            saved += sum(2 * a * shapes[n][1] for n in target_modules)
+            return tokens * saved + sum(a * shapes[n][0] * shapes[n][1] for n in target_modules)
+        if use_dora:  # the base layer's own output (in dtype) and the LoRA output
+            saved += sum((d + a) * shapes[n][1] for n in target_modules)
     return tokens * saved
 
 
