@@ -101,6 +101,72 @@ def plot_loss_curves(log_history: list[dict[str, Any]], title: str = "Training a
     return fig
 
 
+def plot_validation_curves(curves: dict[str, list[tuple[int, float]]], title: str = "Validation loss of each variant",
+                           lang: str = "en") -> Any:
+    """Several runs' validation loss against the optimizer step, one line per run, on the same axes.
+
+    ``curves`` maps a run's name (translated, so it must be in the catalogue)
+    to its (step, validation loss) points, as
+    :func:`qlora_guide.evaluation.variants.validation_history` reads them.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from qlora_guide.errors import QLoRAGuideError
+
+    if not any(curves.values()):
+        raise QLoRAGuideError("no validation loss to plot: the runs logged no evaluation")
+    t = translator(lang)
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    colours = list(PART1_COLOURS.values()) + ["#7b3fa0", "#a16207", "#be185d"]
+    for (name, points), colour in zip(curves.items(), colours, strict=False):
+        ax.plot(*zip(*points, strict=True), color=colour, marker="o", label=t(name))
+    ax.set(xlabel=t("optimizer step"), ylabel=t("validation loss"), title=t(title))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _localise_ticks(fig, lang)
+    plt.close(fig)
+    return fig
+
+
+def plot_preference_history(log_history: list[dict[str, Any]], lang: str = "en") -> Any:
+    """A DPO run's reward margin and reward accuracy against the step, training and validation.
+
+    ``log_history`` is the run's ``metrics.jsonl`` (TRL's ``rewards/margins``
+    and ``rewards/accuracies``, and their ``eval_`` versions): the margin is
+    ``beta`` times how much more the model raised the chosen answer's
+    log-probability than the rejected one's, relative to the reference; the
+    accuracy is the share of pairs whose margin is positive.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from qlora_guide.errors import QLoRAGuideError
+
+    t = translator(lang)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+    drawn = False
+    for ax, key, label in zip(axes, ("rewards/margins", "rewards/accuracies"),
+                              ("reward margin", "reward accuracy"), strict=True):
+        for prefix, colour, name in (("", PART1_COLOURS["green"], "training pairs"),
+                                     ("eval_", PART1_COLOURS["orange"], "validation pairs")):
+            points = [(e["step"], e[prefix + key]) for e in log_history if prefix + key in e and "step" in e]
+            if points:
+                drawn = True
+                ax.plot(*zip(*points, strict=True), color=colour, marker="o", label=t(name))
+        ax.set(xlabel=t("optimizer step"), title=t(label))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if not drawn:
+        raise QLoRAGuideError("the run's history holds no reward: it is not a preference-tuning run")
+    axes[1].set_ylim(-0.05, 1.05)
+    axes[0].legend()
+    _localise_ticks(fig, lang)
+    plt.close(fig)
+    return fig
+
+
 def plot_memory_budget(check: dict[str, Any], lang: str = "en") -> Any:
     """Planned peak training memory per batch x sequence setting, with and without checkpointing, against a budget.
 

@@ -103,6 +103,14 @@ def tiny_recipe(tiny_jsonl: Path, tmp_path: Path, embedded_model: Path) -> dict:
     }
 
 
+PREFERENCE_HISTORY = [
+    {"step": 0, "eval_rewards/margins": 0.0, "eval_rewards/accuracies": 0.0, "eval_loss": 0.693},
+    {"step": 5, "rewards/margins": 0.07, "rewards/accuracies": 0.625},
+    {"step": 10, "rewards/margins": 0.46, "rewards/accuracies": 0.75},
+    {"step": 10, "eval_rewards/margins": 0.26, "eval_rewards/accuracies": 0.5625, "eval_loss": 0.607},
+]
+
+
 def draw_every_figure(lang: str) -> dict:
     """Every figure of qlora_guide.plots drawn in ``lang`` on small inputs, by function name."""
     import torch
@@ -116,6 +124,9 @@ def draw_every_figure(lang: str) -> dict:
     answers = {"bf16 base": ["a"], "4-bit base": ["b"], "fine-tuned": ["c"], "reference": [""]}
     return {
         "plot_loss_curves": plots.plot_loss_curves(history, lang=lang),
+        "plot_validation_curves": plots.plot_validation_curves({"LoRA": [(0, 4.4), (10, 3.5)],
+                                                                "DoRA": [(0, 4.4), (10, 3.45)]}, lang=lang),
+        "plot_preference_history": plots.plot_preference_history(PREFERENCE_HISTORY, lang=lang),
         "plot_memory_budget": plots.plot_memory_budget(sixteen_gb_check(), lang=lang),
         "plot_answers_side_by_side": plots.plot_answers_side_by_side(["q?"], answers, lang=lang),
         "plot_memory_breakdown": plots.plot_memory_breakdown(compare_methods("mistral-7b"), lang=lang),

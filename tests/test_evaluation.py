@@ -253,3 +253,43 @@ def test_a_run_trained_on_one_file_is_evaluated_on_its_held_out_split(tmp_path, 
     assert report["rows"][0]["perplexity"] > 1
     with pytest.raises(QLoRAGuideError, match=r"has no 'test' split \(the run has: train, validation\)"):
         evaluation.evaluate_run(run, split="test", generation=False, performance=False)
+
+
+# ------------------------------------------------------------------ adapter variants
+
+
+def test_variants_with_a_bad_setting_or_the_same_folder_are_refused_before_training(tiny_recipe, tmp_path):
+    from qlora_guide.evaluation.variants import train_variants
+
+    with pytest.raises(QLoRAGuideError, match="lora.use_dora"):
+        train_variants({"LoRA": [], "DoRA": ["lora.use_dora=maybe"]}, tmp_path / "runs", recipe=tiny_recipe)
+    with pytest.raises(QLoRAGuideError, match="same folder name"):
+        train_variants({"DoRA r=4": [], "dora r 4": []}, tmp_path / "runs", recipe=tiny_recipe)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_variants_train_on_the_same_budget_and_compare_with_the_first(tiny_recipe, tmp_path):
+    from qlora_guide.evaluation.variants import evaluate_variants, train_variants
+    from qlora_guide.memory import estimate
+
+    common = ["training.max_steps=2", "training.eval_steps=1", "training.save_steps=2"]
+    rows = train_variants({"LoRA": [], "DoRA": ["lora.use_dora=true"], "rsLoRA r=16": ["lora.use_rslora=true", "lora.r=16"]},
+                          tmp_path / "runs", recipe=tiny_recipe, common=common)
+    lora, dora, rslora = rows
+    # DoRA adds one magnitude per output row of every adapted layer (q_proj and v_proj), as the planner counts
+    plans = [estimate("smollm2-135m", r=4, target_modules=["q_proj", "v_proj"], use_dora=d).trainable_parameters
+             for d in (False, True)]
+    assert [lora["trainable_params"], dora["trainable_params"]] == plans
+    assert rslora["scaling"] == pytest.approx(8 / 4) and lora["scaling"] == pytest.approx(8 / 4)  # α/√16 and α/4
+    for row in rows:
+        steps = [step for step, _ in row["history"]]
+        assert steps[:3] == [0, 1, 2] and row["history"][0][1] == pytest.approx(row["initial_eval_loss"])
+        assert row["step_s"] > 0 and row["rss_peak_mb"] >= 0
+    comparisons = evaluate_variants(rows, split="test", generation=False)
+    assert [(c["model"], c["against"], c["measure"]) for c in comparisons] == [
+        ("DoRA", "LoRA", "perplexity"), ("rsLoRA r=16", "LoRA", "perplexity")]
+    for c in comparisons:
+        assert c["low"] <= c["difference"] <= c["high"]
+        row = next(r for r in rows if r["variant"] == c["model"])
+        assert c["difference"] == pytest.approx(row["perplexity"] / lora["perplexity"], rel=1e-6)

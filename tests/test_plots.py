@@ -53,6 +53,29 @@ def test_loss_curves_refuse_an_empty_history():
         plots.plot_loss_curves([{"step": 1, "train_runtime": 3.0}])
 
 
+def test_validation_curves_draw_one_line_per_run_in_its_order():
+    curves = {"LoRA": [(0, 4.4), (10, 3.6), (20, 3.5)], "DoRA": [(0, 4.4), (20, 3.4)]}
+    (ax,) = plots.plot_validation_curves(curves).axes
+    lora, dora = ax.get_lines()
+    assert (list(lora.get_xdata()), list(lora.get_ydata())) == ([0, 10, 20], [4.4, 3.6, 3.5])
+    assert (list(dora.get_xdata()), list(dora.get_ydata())) == ([0, 20], [4.4, 3.4])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["LoRA", "DoRA"]
+    with pytest.raises(QLoRAGuideError, match="no validation loss"):
+        plots.plot_validation_curves({"LoRA": []})
+
+
+def test_preference_history_draws_training_and_validation_rewards():
+    from conftest import PREFERENCE_HISTORY
+
+    margins, accuracies = plots.plot_preference_history(PREFERENCE_HISTORY).axes
+    train, valid = margins.get_lines()
+    assert (list(train.get_xdata()), list(train.get_ydata())) == ([5, 10], [0.07, 0.46])
+    assert (list(valid.get_xdata()), list(valid.get_ydata())) == ([0, 10], [0.0, 0.26])
+    assert list(accuracies.get_lines()[1].get_ydata()) == [0.0, 0.5625]
+    with pytest.raises(QLoRAGuideError, match="not a preference-tuning run"):
+        plots.plot_preference_history(LOG_HISTORY)
+
+
 def test_memory_budget_has_two_bars_per_setting_and_the_budget_line():
     from qlora_guide.memory import sixteen_gb_check
 

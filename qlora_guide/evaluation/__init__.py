@@ -25,6 +25,7 @@ new metric module in :mod:`qlora_guide.metrics`)::
     compare.py           one model evaluated; variants compared on the same data, with ratios
     likelihood.py        perplexity on answer tokens
     preferences.py       which answer of a preference pair a model prefers, two models compared
+    variants.py          adapter variants (DoRA, rsLoRA, PiSSA, r, lora_alpha) trained on one budget, compared
     answers.py           generated answers, BLEU, chrF, language and repetition, paired intervals
     speed.py             time to first token, tokens per second, peak memory
     data.py              the split evaluated: prompts, references, labels
@@ -42,7 +43,7 @@ from qlora_guide.evaluation.answers import (
 from qlora_guide.evaluation.compare import add_ratios, compare_models, compare_to_reference, evaluate_model
 from qlora_guide.evaluation.data import load_split, prompts_and_references, run_split, tokenize_for_loss
 from qlora_guide.evaluation.likelihood import answer_nll, answer_nll_per_example, perplexity
-from qlora_guide.evaluation.preferences import compare_preferences, preference_margins
+from qlora_guide.evaluation.preferences import compare_preferences, preference_margins, preference_table
 from qlora_guide.evaluation.report import (
     COLUMNS,
     REPORT_JSON,
@@ -61,6 +62,6 @@ __all__ = [
     "answer_nll_per_example", "check_report_folder", "compare_answers", "compare_preferences", "compare_models", "compare_rows",
     "compare_to_reference", "compute_metrics", "evaluate_model", "evaluate_run", "format_report",
     "generate_answers", "generation_scores", "load_split", "markdown_table", "measure_generation", "perplexity",
-    "preference_margins", "preprocess_logits_for_metrics", "prompts_and_references", "question_languages", "run_split",
+    "preference_margins", "preference_table", "preprocess_logits_for_metrics", "prompts_and_references", "question_languages", "run_split",
     "tokenize_for_loss", "write_report",
 ]

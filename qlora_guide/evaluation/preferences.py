@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.evaluation.likelihood import answer_nll_per_example
 from qlora_guide.metrics.intervals import Difference, mean_difference
 
@@ -35,3 +36,18 @@ def compare_preferences(margins_a: list[float], margins_b: list[float]) -> dict[
         "chosen_preferred": mean_difference("chosen preferred (%)", wins_a, wins_b, scale=100.0),
         "margin": mean_difference("log-likelihood margin (nats)", margins_a, margins_b),
     }
+
+
+def preference_table(margins_a: list[float], margins_b: list[float], groups: list[str] | None = None) -> list[dict[str, Any]]:
+    """:func:`compare_preferences` on all pairs, then on each group of pairs (``groups[i]`` names pair ``i``'s group,
+    such as the bundled pairs' ``rejection``: ``wrong`` or ``unhelpful``), one row per measure and group."""
+    if groups is not None and len(groups) != len(margins_a):
+        raise QLoRAGuideError(f"{len(groups)} group names for {len(margins_a)} pairs")
+    subsets = {"all": list(range(len(margins_a)))}
+    for name in dict.fromkeys(groups or []):
+        subsets[name] = [i for i, group in enumerate(groups) if group == name]
+    rows = []
+    for name, index in subsets.items():
+        compared = compare_preferences([margins_a[i] for i in index], [margins_b[i] for i in index])
+        rows += [{"pairs": name, **difference.to_dict()} for difference in compared.values()]
+    return rows
