@@ -9,7 +9,7 @@ import pytest
 from conftest import write_jsonl
 
 from qlora_guide.errors import QLoRAGuideError
-from qlora_guide.training import train
+from qlora_guide.training import format_train_result, train
 from qlora_guide.training.preference import load_pairs, to_pair
 
 PAIR = {"prompt": "What does NF4 stand for?", "chosen": "4-bit NormalFloat.", "rejected": "Neural Format 4."}
@@ -89,6 +89,8 @@ def test_dpo_trains_from_the_recipe_and_measures_what_trl_optimises(tmp_path):
     metrics = result.metrics
     assert metrics["initial_eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert metrics["global_step"] == 2 and {"eval_rewards/accuracies", "eval_rewards/margins"} <= metrics.keys()
+    summary = format_train_result(result)  # what `qlora-guide train` prints: DPO's loss and rewards, no perplexity
+    assert f"reward accuracy {metrics['eval_rewards/accuracies']:.2f}" in summary and "perplexity" not in summary
     assert [p.name for p in (result.output_dir / "adapter").iterdir() if p.is_dir()] == []  # TRL's "ref" copy is not saved
     history = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     first_eval = next(h for h in history if "eval_logps/chosen" in h)

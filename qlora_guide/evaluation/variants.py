@@ -25,7 +25,7 @@ from qlora_guide.config import load_recipe
 from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.evaluation.answers import compare_rows
 from qlora_guide.evaluation.compare import evaluate_model
-from qlora_guide.evaluation.data import load_split
+from qlora_guide.evaluation.data import run_split
 from qlora_guide.memory.measure import peak_memory
 from qlora_guide.runs import RunFolder
 from qlora_guide.training.run import train
@@ -84,10 +84,11 @@ def validation_history(run_dir: str | Path) -> list[tuple[int, float]]:
     return [(int(p.get("step", 0)), float(p["eval_loss"])) for p in points if "eval_loss" in p]
 
 
-def evaluate_variants(rows: list[dict[str, Any]], data: str = "qlora-faq", split: str = "test",
+def evaluate_variants(rows: list[dict[str, Any]], split: str = "test",
                       generation: bool = True, max_new_tokens: int = 64, repetition_penalty: float | None = 1.2,
                       batch_size: int = 8, against: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Each trained variant on ``split``, and against another variant (by default the first) with paired intervals.
+    """Each trained variant on ``split`` of the runs' data, and against another variant (by default the first) with paired
+    intervals.
 
     Fills every row of :func:`train_variants` in place with ``perplexity``
     (and ``chrf``, ``bleu``), and returns the comparisons, one per measure and
@@ -100,7 +101,8 @@ def evaluate_variants(rows: list[dict[str, Any]], data: str = "qlora-faq", split
     unknown = sorted({*(against or {}), *(against or {}).values()} - set(by_name))
     if unknown:
         raise QLoRAGuideError(f"against: no variant named {', '.join(unknown)} (variants: {', '.join(by_name)})")
-    examples = load_split(data, split)
+    # the runs share their data settings: the split is read as the first run's recipe reads it (languages included)
+    examples, _ = run_split(load_recipe(RunFolder(Path(rows[0]["run_dir"])).recipe), split)
     for row in rows:
         loaded = deployment.load_any(row["run_dir"])  # on its own base: 4-bit for QLoRA runs
         measured = evaluate_model(loaded.model.eval(), loaded.tokenizer, examples, batch_size, max_new_tokens,

@@ -51,10 +51,15 @@ def format_train_result(result: TrainResult) -> str:
         f"train data:       {result.train_stats.summary()}",
         f"steps:            {m.get('global_step')} in {m.get('train_runtime', 0):.0f} s, {m.get('train_tokens_per_second', 0):.0f} tokens/s",
     ]
-    if "initial_eval_loss" in m and "eval_loss" in m:
-        lines.append(f"validation loss:  {m['initial_eval_loss']:.4f} -> {m['eval_loss']:.4f} (perplexity {m['eval_perplexity']:.2f})")
-    elif "eval_loss" in m:
-        lines.append(f"validation loss:  {m['eval_loss']:.4f} (perplexity {m['eval_perplexity']:.2f})")
+    if "eval_loss" in m:
+        start = f"{m['initial_eval_loss']:.4f} -> " if "initial_eval_loss" in m else ""
+        if "eval_perplexity" in m:
+            end = f" (perplexity {m['eval_perplexity']:.2f})"
+        elif "eval_rewards/accuracies" in m:  # a DPO run: the loss is DPO's, with TRL's reward figures
+            end = f" (reward accuracy {m['eval_rewards/accuracies']:.2f}, margin {m['eval_rewards/margins']:.3f})"
+        else:
+            end = ""
+        lines.append(f"validation loss:  {start}{m['eval_loss']:.4f}{end}")
     if m.get("stopped_early"):
         lines.append("stopped early:    the validation loss stopped improving")
     if result.resumed_from:
