@@ -498,9 +498,11 @@ def test_variant_adapters_train_merge_and_serve_like_plain_lora(tiny_recipe, tmp
 
     import openai
 
+    from qlora_guide import deployment, evaluation
     from qlora_guide.deployment.merging import merge_adapter
     from qlora_guide.deployment.serving import make_server
 
+    examples = evaluation.load_split("qlora-faq", "validation", max_samples=8)
     short = ["training.max_steps=1", "data.validation_split=null", "training.save_steps=1"]
     variants = {"dora": ["lora.use_dora=true"], "rslora": ["lora.use_rslora=true", "lora.r=16"],
                 "pissa": ["quantization=null", "lora.init_lora_weights=pissa_niter_2"]}
@@ -515,6 +517,10 @@ def test_variant_adapters_train_merge_and_serve_like_plain_lora(tiny_recipe, tmp
                                compare_naive=False)
         assert merged.weights["weights_within_bound"], (name, merged.weights)
         assert merged.parity["greedy_agree"] and merged.parity["max_logit_diff"] < 1e-2, (name, merged.parity)
+        # the adapter as users load it (on its 4-bit base, bitsandbytes' own CPU kernels) predicts as its merge does
+        loaded = {ref: deployment.load_any(ref) for ref in (run, tmp_path / f"{name}-merged")}
+        ppl = [evaluation.perplexity(lm.model, lm.tokenizer, examples) for lm in loaded.values()]
+        assert ppl[0] == pytest.approx(ppl[1], rel=0.05), (name, ppl)
     question = [{"role": "user", "content": "What does NF4 store?"}]
     for folders in ([runs["dora"], runs["rslora"]], [runs["pissa"]]):
         with make_server(folders, max_tokens_limit=8, quantization=QuantizationConfig(bnb_4bit_compute_dtype="float32")) as srv:

@@ -295,6 +295,10 @@ def load_adapter_model(
     if base_model is None:
         base_model = load_model(base_name, quantization=quantization, dtype=dtype, device_map=device_map)
     lora_shapes_fit(base_model, folder, base_name)
+    if getattr(peft_config, "use_dora", False):
+        # DoRA dequantizes the 4-bit weights itself at every forward pass, which reads garbage once
+        # bitsandbytes has repacked them for its AVX512-BF16 inference kernel
+        use_differentiable_4bit_kernel(base_model)
     peft_config.inference_mode = not is_trainable
     try:
         model = PeftModel.from_pretrained(base_model, str(folder), config=peft_config, is_trainable=is_trainable)
