@@ -103,3 +103,18 @@ def test_dpo_trains_from_the_recipe_and_measures_what_trl_optimises(tmp_path):
     assert first_eval["eval_logps/chosen"] == pytest.approx(-sum(n for n, _ in chosen) / len(chosen), rel=1e-3)
     after = preference_margins(lm.model, lm.tokenizer, pairs)
     assert len(after) == len(pairs) and after != before
+
+
+def test_pair_statistics_count_the_answer_tokens_the_loss_masking_scores(tokenizer):
+    from qlora_guide.config import DataConfig
+    from qlora_guide.evaluation import tokenize_for_loss
+    from qlora_guide.training.preference import pair_statistics
+
+    pairs = load_pairs(DataConfig(path="qlora-prefs"))["validation"]
+    rows = tokenize_for_loss([{"messages": p["prompt"] + p[a]} for p in pairs for a in ("chosen", "rejected")], tokenizer, 192)
+    one, four = pair_statistics(pairs, tokenizer, 192, 1), pair_statistics(pairs, tokenizer, 192, 4)
+    assert one.answer_tokens == sum(sum(label != -100 for label in row["labels"]) for row in rows) > 0
+    assert one.sequences == 2 * len(pairs) and one.truncated == 0
+    assert 0 < one.padding_fraction < four.padding_fraction < 1  # 8 rows of different lengths pad more than 2
+    cut = pair_statistics(pairs, tokenizer, 64)
+    assert cut.truncated == 2 * len(pairs) and cut.answer_tokens < one.answer_tokens

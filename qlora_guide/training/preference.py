@@ -56,16 +56,25 @@ def to_pair(example: dict[str, Any], where: str) -> dict[str, list[dict[str, str
     return pair
 
 
-def pair_statistics(pairs: list[dict[str, Any]], tokenizer: Any, max_length: int) -> TokenStats:
-    """Token counts of each pair's two sequences (prompt + answer) with the chat template, and how many
-    TRL will cut at ``max_length``."""
+def pair_statistics(pairs: list[dict[str, Any]], tokenizer: Any, max_length: int, batch_size: int = 1) -> TokenStats:
+    """Token counts of each pair's two sequences (prompt + answer) with the chat template, how many of them are
+    the answer's (the tokens DPO scores), how many TRL will cut at ``max_length``, and the share of padding when
+    ``batch_size`` pairs at a time are padded to their longest sequence."""
     stats = TokenStats(examples=len(pairs), sequences=2 * len(pairs))
+    lengths = []
     for pair in pairs:
+        prompt = len(tokenizer.apply_chat_template(pair["prompt"], tokenize=True, add_generation_prompt=True,
+                                                   return_dict=False))
         for answer in ("chosen", "rejected"):
             n = len(tokenizer.apply_chat_template(pair["prompt"] + pair[answer], tokenize=True, return_dict=False))
+            lengths.append(min(n, max_length))
             stats.tokens += n
+            stats.answer_tokens += max(min(n, max_length) - prompt, 0)
             stats.longest = max(stats.longest, n)
             stats.truncated += n > max_length
+    batches = [lengths[i:i + 2 * batch_size] for i in range(0, len(lengths), 2 * batch_size)]
+    padded = sum(max(batch) * len(batch) for batch in batches)
+    stats.padding_fraction = 1 - sum(lengths) / padded if padded else 0.0
     stats.fingerprint = hashlib.sha256(json.dumps(pairs, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     return stats
 
@@ -81,7 +90,7 @@ def load_pairs(data: DataConfig) -> dict[str, list[dict[str, Any]]]:
     return result
 
 
-def prepare_pairs(data: DataConfig, tokenizer: Any, splits: dict[str, list[dict[str, Any]]]) -> PreparedData:
+def prepare_pairs(data: DataConfig, tokenizer: Any, splits: dict[str, list[dict[str, Any]]], batch_size: int = 1) -> PreparedData:
     """The pairs as TRL's DPOTrainer takes them (datasets of prompt, chosen, rejected), with their statistics."""
     from datasets import Dataset
 
@@ -91,8 +100,9 @@ def prepare_pairs(data: DataConfig, tokenizer: Any, splits: dict[str, list[dict[
     return PreparedData(
         train=train,
         validation=validation,
-        train_stats=pair_statistics(splits["train"], tokenizer, data.max_length),
-        validation_stats=pair_statistics(splits["validation"], tokenizer, data.max_length) if validation is not None else None,
+        train_stats=pair_statistics(splits["train"], tokenizer, data.max_length, batch_size),
+        validation_stats=pair_statistics(splits["validation"], tokenizer, data.max_length, batch_size)
+        if validation is not None else None,
         collator=None,
         data_format="preference",
     )

@@ -94,7 +94,7 @@ def train(
     examples = load_pairs(recipe.data) if preference else load_examples(recipe.data)
     tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
     if preference:
-        data = prepare_pairs(recipe.data, tokenizer, examples)
+        data = prepare_pairs(recipe.data, tokenizer, examples, recipe.training.per_device_train_batch_size)
     else:
         data = prepare_data(recipe.data, tokenizer, recipe.training.per_device_train_batch_size, splits=examples)
     model = build_model(recipe, precision)
