@@ -19,6 +19,7 @@ folder, next to its weights, so :class:`RunFolder` describes it too.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,12 @@ class RunFolder:
     @property
     def metrics_log(self) -> Path:
         return self.root / METRICS_LOG
+
+    def history(self) -> list[dict]:
+        """Every record of the metrics log, in the order logged (empty when the run has none yet)."""
+        if not self.metrics_log.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_log.read_text().splitlines() if line.strip()]
 
     @property
     def files(self) -> tuple[Path, ...]:

@@ -15,7 +15,6 @@ so that a difference smaller than the noise of a small test set says so.
 from __future__ import annotations
 
 import gc
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -79,9 +78,7 @@ def train_variants(variants: dict[str, list[str]], root: str | Path, recipe: str
 
 def validation_history(run_dir: str | Path) -> list[tuple[int, float]]:
     """(step, validation loss) of every evaluation a run logged, the one before training included."""
-    lines = RunFolder(Path(run_dir)).metrics_log.read_text().splitlines()
-    points = [json.loads(line) for line in lines if line.strip()]
-    return [(int(p.get("step", 0)), float(p["eval_loss"])) for p in points if "eval_loss" in p]
+    return [(int(p.get("step", 0)), float(p["eval_loss"])) for p in RunFolder(Path(run_dir)).history() if "eval_loss" in p]
 
 
 def evaluate_variants(rows: list[dict[str, Any]], split: str = "test",
@@ -105,7 +102,7 @@ def evaluate_variants(rows: list[dict[str, Any]], split: str = "test",
     examples, _ = run_split(load_recipe(RunFolder(Path(rows[0]["run_dir"])).recipe), split)
     for row in rows:
         loaded = deployment.load_any(row["run_dir"])  # on its own base: 4-bit for QLoRA runs
-        measured = evaluate_model(loaded.model.eval(), loaded.tokenizer, examples, batch_size, max_new_tokens,
+        measured = evaluate_model(loaded.model, loaded.tokenizer, examples, batch_size, max_new_tokens,
                                   generation=generation, repetition_penalty=repetition_penalty)
         row.update(measured)
         del loaded

@@ -185,15 +185,9 @@ class RunState:
         return cls(**{key: saved[key] for key in ("loss_sum", "real_tokens", "padded_tokens", "runtime")})
 
 
-def initial_eval_loss(history: Path) -> float | None:
+def initial_eval_loss(run: RunFolder) -> float | None:
     """The validation loss before the first step, as the run's ``metrics.jsonl`` recorded it."""
-    if not history.is_file():
-        return None
-    for line in history.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if record.get("step") == 0 and "eval_loss" in record:
-            return record["eval_loss"]
-    return None
+    return next((r["eval_loss"] for r in run.history() if r.get("step") == 0 and "eval_loss" in r), None)
 
 
 def save_adapter(trainer: Any, tokenizer: Any, output_dir: Path, files: dict[str, dict[str, Any]] | None = None) -> Path:

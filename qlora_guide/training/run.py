@@ -127,7 +127,7 @@ def train(
     trainer.run_state = RunState.load(checkpoint, args.process_index)
     initial_eval = None
     if data.validation is not None:
-        initial_eval = trainer.evaluate()["eval_loss"] if checkpoint is None else initial_eval_loss(run_folder.metrics_log)
+        initial_eval = trainer.evaluate()["eval_loss"] if checkpoint is None else initial_eval_loss(run_folder)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     drop_reference_adapter(trainer.model)
     free_memory()
