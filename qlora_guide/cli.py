@@ -59,6 +59,10 @@ COMMANDS: dict[str, Command] = {
                         table="qlora_guide.quantization:format_quantize_result", positional=("name_or_path",)),
     "recipes": Command("qlora_guide.recipes:recipes", "list the bundled recipes, show one, or copy one out to edit",
                        table="qlora_guide.recipes:format_recipes"),
+    "doctor": Command("qlora_guide.training.preflight:doctor",
+                      "show a recipe's first training examples as the model sees them and check labels, EOS, padding, "
+                      "chat template and precision before a run (exit status 1 on an error)",
+                      table="qlora_guide.training.preflight:format_preflight", flags={"overrides": "set"}),
     "train": Command("qlora_guide.training:train", "fine-tune with QLoRA (or LoRA) from a YAML recipe",
                      table="qlora_guide.training:format_train_result", flags={"overrides": "set"}),
     "evaluate": Command("qlora_guide.evaluation:evaluate_run",
@@ -114,6 +118,7 @@ HELP = {
     "copy": "copy the bundled recipe NAME to DEST",
     "recipe": "a bundled recipe name (see `qlora-guide recipes`) or a YAML file",
     "overrides": "override a recipe value, e.g. training.learning_rate=1e-4 (repeatable)",
+    "examples": "training examples to show as masked and learnt text",
     "resume": "continue from the latest complete checkpoint",
     "run": "a run or adapter folder, a merged folder, or " + MODEL_HELP,
     "data": "data to evaluate on (default: the run's recipe data, else the bundled dataset)",
@@ -283,8 +288,9 @@ def emit(result: Any, as_json: bool, table: Callable[[Any], str]) -> None:
         print(table(result))
 
 
-def run(args: argparse.Namespace) -> None:
-    """Call the command's function with the parsed arguments and print what it returns."""
+def run(args: argparse.Namespace) -> int:
+    """Call the command's function with the parsed arguments, print what it returns, and return its exit status
+    (a result's ``exit_code``, else 0)."""
     command = COMMANDS[args.command]
     kwargs = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "json")}
     for name in command.stdin:
@@ -293,6 +299,7 @@ def run(args: argparse.Namespace) -> None:
     result = args._function(**kwargs)
     if command.table:
         emit(result, args.json, resolve(command.table))
+    return getattr(result, "exit_code", 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -303,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         with progress.quiet(getattr(args, "json", False)):  # JSON on stdout is for scripts: no bars on stderr either
-            run(args)
+            return run(args)
     except QLoRAGuideError as err:
         print(f"qlora-guide {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -313,7 +320,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left (`| head`): stop writing, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    return 0
 
 
 if __name__ == "__main__":

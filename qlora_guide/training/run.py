@@ -17,6 +17,7 @@ from qlora_guide.models import load_tokenizer, resolve_model
 from qlora_guide.outputs import write_text_atomic
 from qlora_guide.precision import Precision
 from qlora_guide.runs import MANIFEST_FILE, METRICS_FILE, RunFolder, checkpoint_step
+from qlora_guide.training import preflight
 from qlora_guide.training.checkpoints import (
     RunState,
     check_output_dir,
@@ -93,6 +94,12 @@ def train(
     # a missing or malformed data file is found before any model loads, too
     examples = load_pairs(recipe.data) if preference else load_examples(recipe.data)
     tokenizer = load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    if not preference:  # what doctor checks: a template, EOS or label mistake stops the run before the model loads
+        report = preflight.check(recipe, examples["train"], tokenizer, precision)
+        for finding in report.findings:
+            if finding.level in ("warning", "error") and finding.check != "precision":  # precision notes: logged above
+                log.warning("doctor: %s", finding.line())
+        report.raise_on_error()
     if preference:
         data = prepare_pairs(recipe.data, tokenizer, examples, recipe.training.per_device_train_batch_size)
     else:
