@@ -555,6 +555,35 @@ class Collator:
         return out
 
 
+def packing_leak(model: Any, tokenizer: Any, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """How far packing moves each example's logits from those it gets alone (largest absolute difference).
+
+    The examples are packed into one row by :func:`pack` and batched by :class:`Collator`, as training does, so
+    that the row's ``position_ids`` restart at every example; the same row is also run as one plain
+    concatenation, where each example attends to the ones before it.
+    """
+    import torch
+
+    rows = []
+    for index, example in enumerate(examples):
+        ids, labels = encode_messages(to_messages(example, detect_format(list(example), "auto", "examples"), index), tokenizer)
+        rows.append({"input_ids": ids, "labels": labels})
+    [packed] = pack(rows, sum(len(r["input_ids"]) for r in rows))
+    batch = Collator(tokenizer.pad_token_id)([packed])  # the batch training feeds the model
+    ids, positions = batch["input_ids"], packed["position_ids"]
+    starts = [k for k, p in enumerate(positions) if p == 0] + [len(positions)]
+    with torch.no_grad():
+        with_positions = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        concatenated = model(input_ids=ids, use_cache=False).logits[0]
+        found = []
+        for number, (a, b) in enumerate(zip(starts, starts[1:], strict=False), 1):
+            alone = model(input_ids=ids[:, a:b], use_cache=False).logits[0]
+            found.append({"example in the row": number, "tokens": b - a,
+                          "packed with position_ids": float((with_positions[a:b] - alone).abs().max()),
+                          "concatenated": float((concatenated[a:b] - alone).abs().max())})
+    return found
+
+
 # ---------------------------------------------------------------- all together
 
 

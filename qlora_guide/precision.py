@@ -143,3 +143,47 @@ def resolve(bf16: bool | str = "auto", compute_dtype: str = "bfloat16", model_dt
         raise QLoRAGuideError(f"training.optim: '{optim}' pages optimizer states between GPU and CPU memory, which "
                               "needs a CUDA GPU; on the CPU use adamw_torch (auto) or adamw_bnb_8bit")
     return Precision(device, use_bf16, fp16, compute_dtype, model_dtype, optim, notes)
+
+
+def range_report(model: Any, tokenizer: Any, texts: list[str]) -> dict[str, Any]:
+    """The largest activation of one forward pass and the adapters' gradients of one backward pass, computed in
+    float32, against the range of float16 (with and without loss scaling), bfloat16 and float32.
+
+    Why fp16 training fails and bf16 does not: an activation above a type's largest value becomes inf (then NaN),
+    and a gradient below its smallest positive value becomes 0. Both are measured by casting the float32 values:
+    ``rows`` has one entry per type; ``largest_activation`` and ``gradients`` (non-zero entries) are what was cast.
+    """
+    import torch
+
+    largest = 0.0
+
+    def watch(_module: Any, _args: Any, output: Any) -> None:
+        nonlocal largest
+        tensor = output[0] if isinstance(output, tuple) else output
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            largest = max(largest, float(tensor.detach().abs().max()))
+
+    hooks = [module.register_forward_hook(watch) for module in model.modules()]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    try:
+        model.train()
+        model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    grads = torch.cat([p.grad.detach().flatten().float() for p in model.parameters() if p.requires_grad and p.grad is not None])
+    grads = grads[grads != 0]
+    model.zero_grad(set_to_none=True)
+    rows = []
+    for name, dtype, scale in (("float16", torch.float16, 1.0), ("float16, loss scaled by 2^16", torch.float16, 2.0**16),
+                               ("bfloat16", torch.bfloat16, 1.0), ("float32", torch.float32, 1.0)):
+        info = torch.finfo(dtype)
+        rows.append({
+            "dtype": name,
+            "largest value": info.max,
+            "smallest positive": info.smallest_normal * info.eps,  # the smallest subnormal number
+            "largest activation overflows": bool(torch.isinf(torch.tensor(largest).to(dtype))),
+            "gradients flushed to 0 (%)": 100 * float(((grads * scale).to(dtype) == 0).float().mean()),
+        })
+    return {"largest_activation": largest, "smallest_gradient": float(grads.abs().min()), "gradients": grads.numel(),
+            "rows": rows}

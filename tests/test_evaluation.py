@@ -293,3 +293,12 @@ def test_variants_train_on_the_same_budget_and_compare_with_the_first(tiny_recip
         assert c["low"] <= c["difference"] <= c["high"]
         row = next(r for r in rows if r["variant"] == c["model"])
         assert c["difference"] == pytest.approx(row["perplexity"] / lora["perplexity"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_training_steps_are_timed_for_qlora_and_lora(tiny_recipe):
+    from qlora_guide.evaluation.speed import measure_training_steps
+
+    [row] = measure_training_steps(tiny_recipe, tokens=(16,), steps=1)
+    assert row["tokens"] == 16 and row["QLoRA s/step"] > 0 and row["LoRA s/step"] > 0
+    assert row["QLoRA / LoRA"] == row["QLoRA s/step"] / row["LoRA s/step"]

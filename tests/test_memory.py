@@ -408,3 +408,13 @@ def test_gpu_training_peak_matches_plan():
     plan = estimate("mistral-7b", batch_size=1, seq_len=512)
     assert result["tensor_bytes"]["weights"] == pytest.approx(plan.weights_bytes, rel=1e-3)
     assert math.isclose(result["step_peak"], plan.tensor_peak, rel_tol=0.05)
+
+
+def test_peak_rows_set_the_weights_against_the_peak_of_a_step():
+    plans = [estimate("mistral-7b", batch_size=4, seq_len=s, r=16, gradient_checkpointing=c)
+             for s, c in ((512, True), (2048, True), (512, False))]
+    short, long, unchecked = memory.peak_rows(plans)
+    assert short["weights_gib"] == long["weights_gib"] == plans[0].weights_bytes / GiB  # weights do not grow
+    assert short["peak_gib"] == plans[0].training_total / GiB > short["weights_gib"] + short["activations_gib"]
+    assert long["activations_gib"] > 3 * short["activations_gib"] and unchecked["activations_gib"] > 10 * short["activations_gib"]
+    assert math.isclose(short["peak_over_weights"], short["peak_gib"] / short["weights_gib"])

@@ -29,3 +29,20 @@ def test_forced_float32_path_reaches_training_and_the_4bit_layers(monkeypatch, t
     model = load_model(quantization=QuantizationConfig())
     layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
+def test_range_report_casts_the_real_activations_and_gradients():
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_guide.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer()
+    model = get_peft_model(load_model(dtype="float32"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    report = precision.range_report(model, tokenizer, ["What is NF4?", "Qu'est-ce que QLoRA ?"])
+    rows = {row["dtype"]: row for row in report["rows"]}
+    assert 1 < report["largest_activation"] < rows["float16"]["largest value"]  # SmolLM2 fits fp16's range
+    assert report["gradients"] > 0 and 0 < report["smallest_gradient"] < rows["float16"]["smallest positive"]
+    # gradients below fp16's smallest positive value vanish, unless the loss is scaled; never in bf16 or fp32
+    assert rows["float16"]["gradients flushed to 0 (%)"] > rows["float16, loss scaled by 2^16"]["gradients flushed to 0 (%)"]
+    assert rows["bfloat16"]["gradients flushed to 0 (%)"] == rows["float32"]["gradients flushed to 0 (%)"] == 0
+    assert all(p.grad is None for p in model.parameters()), "the report leaves no gradient behind"

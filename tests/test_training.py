@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qlora_guide.config import DataConfig, QuantizationConfig, load_recipe
-from qlora_guide.data import IGNORE_INDEX, Collator, load_examples, pack, prepare_data, tokenize
+from qlora_guide.data import IGNORE_INDEX, Collator, load_examples, pack, packing_leak, prepare_data, tokenize
 from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.training import (
     COMPLETE_MARKER,
@@ -24,6 +24,7 @@ from qlora_guide.training import (
     resolve_precision,
     train,
     validation_loss,
+    verify_checkpoint,
 )
 
 torch = pytest.importorskip("torch")
@@ -51,22 +52,11 @@ def tokenized_rows(tokenizer, n=6, max_length=256):
 def test_packed_examples_do_not_attend_to_each_other(tokenizer, attn):
     model = load(attn=attn)
     assert model.config.use_cache  # the collator itself must switch the cache off, or packing is ignored
-    rows = tokenized_rows(tokenizer, n=3)
-    [packed] = pack(rows, max_length=1024)
-    batch = Collator(tokenizer.pad_token_id)([packed])
-    with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
-        naive = model(input_ids=batch["input_ids"]).logits[0]  # one long sequence: attention crosses examples
-    start = 0
-    for i in range(3):
-        segment = [r for r in rows if r["input_ids"] == packed["input_ids"][start : start + len(r["input_ids"])]][0]
-        n = len(segment["input_ids"])
-        with torch.no_grad():
-            alone = model(input_ids=torch.tensor([segment["input_ids"]])).logits[0]
-        assert torch.allclose(logits[start : start + n], alone, atol=2e-3, rtol=1e-3), f"example {i} sees its neighbours"
-        if start > 0:
-            assert (naive[start : start + n] - alone).abs().max() > 0.1  # the check above is sensitive
-        start += n
+    examples = load_examples(DataConfig())["train"].select(range(3)).to_list()
+    leaks = packing_leak(model, tokenizer, examples)
+    assert [row["example in the row"] for row in leaks] == [1, 2, 3]
+    assert all(row["packed with position_ids"] < 2e-3 for row in leaks), leaks  # float32 rounding only
+    assert all(row["concatenated"] > 0.1 for row in leaks[1:]), leaks  # the check above is sensitive
 
 
 def test_packed_loss_equals_unpacked_loss(tokenizer):
@@ -333,9 +323,12 @@ def test_checkpoints_without_their_marker_are_ignored(tmp_path):
     mark_complete(root / "checkpoint-2", 2)
     mark_complete(root / "checkpoint-4", 4)
     (root / "checkpoint-4" / "optimizer.pt").write_bytes(b"x")  # truncated after the marker was written
-    assert latest_checkpoint(tmp_path) == root / "checkpoint-2"
-    assert latest_checkpoint(tmp_path, delete_incomplete=True) == root / "checkpoint-2"
-    assert [p.name for p in root.iterdir()] == ["checkpoint-2"]
+    assert latest_checkpoint(tmp_path) == root / "checkpoint-4"  # a save that finished: damaged, not incomplete
+    assert latest_checkpoint(tmp_path, delete_incomplete=True) == root / "checkpoint-4"
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-4"]  # only the unmarked one went
+    with pytest.raises(QLoRAGuideError, match=r"optimizer\.pt has 1 bytes instead of the 4 saved: delete "):
+        verify_checkpoint(root / "checkpoint-4")
+    verify_checkpoint(root / "checkpoint-2")
 
 
 def test_a_checkpoint_damaged_at_the_same_size_is_named_on_resume(tiny_recipe):

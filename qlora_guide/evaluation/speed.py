@@ -1,4 +1,4 @@
-"""Generation speed: time to first token and tokens per second, with the peak memory of the call."""
+"""Speed: time to first token and tokens per second of generation, and seconds per training step of QLoRA and LoRA."""
 
 from __future__ import annotations
 
@@ -56,3 +56,38 @@ def measure_generation(model: Any, tokenizer: Any, prompt: str = SPEED_PROMPT, m
         if best is None or run["tokens_per_s"] > best["tokens_per_s"]:
             best = run
     return best
+
+
+def measure_training_steps(recipe: Any = "demo", tokens: tuple[int, ...] = (64, 1024), steps: int = 2) -> list[dict[str, Any]]:
+    """Seconds per training step (forward, backward, AdamW) of the recipe's model with a 4-bit base (QLoRA) and
+    with its 16-bit base (LoRA), on one sequence of each length in ``tokens`` of random ids.
+
+    Each model is built as training builds it (:func:`qlora_guide.training.build_model`, on this machine's
+    precision path); one untimed step first, then the median of ``steps``.
+    """
+    import statistics
+
+    from qlora_guide.config import load_recipe
+    from qlora_guide.memory import _random_batch
+    from qlora_guide.training import build_model, free_memory, resolve_precision
+
+    seconds: dict[tuple[str, int], float] = {}
+    for method, override in (("QLoRA", []), ("LoRA", ["quantization=null"])):
+        run = load_recipe(recipe, override)
+        model = build_model(run, resolve_precision(run))
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for length in tokens:
+            batch = _random_batch(model.config.vocab_size, 1, length, str(model_device(model)))
+            times = []
+            for _ in range(steps + 1):
+                start = time.perf_counter()
+                model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - start)
+            seconds[method, length] = statistics.median(times[1:])
+        del model, optimizer
+        free_memory()
+    return [{"tokens": length, "QLoRA s/step": seconds["QLoRA", length], "LoRA s/step": seconds["LoRA", length],
+             "QLoRA / LoRA": seconds["QLoRA", length] / seconds["LoRA", length]} for length in tokens]

@@ -72,6 +72,7 @@ from qlora_guide.memory.planner import (
     estimate,
     layer_activation_bytes,
     lora_parameters,
+    peak_rows,
     quantized_bytes,
 )
 from qlora_guide.memory.report import format_comparison, format_estimate, format_measurement, gib
@@ -97,6 +98,6 @@ __all__ = [
     "compare_methods", "comparison_rows", "estimate", "format_comparison", "format_estimate", "format_measurement",
     "gib", "layer_activation_bytes", "load_model_shape", "lora_parameters", "main", "measure_cpu_in_subprocess",
     "measure_cpu_training_peak", "measure_gpu_in_subprocess", "measure_gpu_training_peak", "model_tensor_bytes",
-    "paper_headline_check", "peak_memory", "proc_status", "quantized_bytes", "read_peaks", "reset_peak_rss",
+    "paper_headline_check", "peak_memory", "peak_rows", "proc_status", "quantized_bytes", "read_peaks", "reset_peak_rss",
     "saved_activation_bytes", "shape_from_config", "sixteen_gb_check",
 ]

@@ -492,6 +492,19 @@ def compare_methods(model: str | os.PathLike | dict | ModelShape | None = None,
     return [estimate(model, method=m, **settings) for m in methods]
 
 
+def peak_rows(estimates: list[MemoryEstimate]) -> list[dict[str, Any]]:
+    """What a weights-only estimate counts next to the planned peak of a training step, one row per estimate (GiB)."""
+    rows = []
+    for est in estimates:
+        rows.append({"seq_len": est.settings["seq_len"], "batch_size": est.settings["batch_size"],
+                     "gradient_checkpointing": est.settings["gradient_checkpointing"],
+                     "weights_gib": est.weights_bytes / GiB,
+                     "activations_gib": est._get(est.training, "activations") / GiB,
+                     "peak_gib": est.training_total / GiB,
+                     "peak_over_weights": est.training_total / est.weights_bytes})
+    return rows
+
+
 def comparison_rows(models: list[str] | None = None, methods: tuple[str, ...] = METHODS,
                     **settings: Any) -> list[dict[str, Any]]:
     """Plain rows (model, parameters, method, weights, training and inference peaks) for plots.

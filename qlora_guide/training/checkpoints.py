@@ -99,27 +99,35 @@ def _recorded(entry: Any) -> tuple[int, str | None]:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    """A checkpoint is complete when its marker exists and every file it lists has the recorded size."""
+    """A checkpoint is complete when its marker exists: :func:`mark_complete` writes it last, once every file is.
+
+    A complete checkpoint whose files changed afterwards is not incomplete but damaged: :func:`verify_checkpoint`
+    names the file, and nothing deletes it.
+    """
     try:
         marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
-        files = {name: _recorded(entry) for name, entry in marker["files"].items()}
+        return isinstance(marker["files"], dict)
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return all((checkpoint / name).is_file() and (checkpoint / name).stat().st_size == size for name, (size, _) in files.items())
 
 
 def verify_checkpoint(checkpoint: Path) -> None:
-    """Compare every file of a complete checkpoint with its recorded SHA-256; name the first that differs.
+    """Compare every file of a complete checkpoint with its recorded size and SHA-256; name the first that differs.
 
-    A file damaged in place keeps its size, so only its content tells; resuming
-    from it would fail later with a misleading error (a NaN loss, a shape error).
+    Resuming from a file changed since it was saved would fail later with a misleading error (a NaN loss, a
+    shape error), or, if it were taken for an interrupted save, throw the run's progress away.
     """
     marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
     for name, entry in sorted(marker["files"].items()):
-        _, digest = _recorded(entry)
-        if digest is not None and sha256_file(checkpoint / name) != digest:
+        size, digest = _recorded(entry)
+        path = checkpoint / name
+        problem = ("is missing" if not path.is_file() else
+                   f"has {path.stat().st_size} bytes instead of the {size} saved" if path.stat().st_size != size else
+                   "is damaged (its content differs from what was saved)" if digest is not None and sha256_file(path) != digest
+                   else None)
+        if problem:
             raise QLoRAGuideError(
-                f"--resume: {checkpoint / name} is damaged (its content differs from what was saved): "
+                f"--resume: {path} {problem}: "
                 f"delete {checkpoint} to resume from the previous checkpoint, or train again with --overwrite"
             )
 
