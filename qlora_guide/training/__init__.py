@@ -32,6 +32,7 @@ any CPU (:mod:`qlora_guide.precision`).
 Where each part lives::
 
     run.py           train(): checks, data, model, Trainer, final figures, manifest
+    preflight.py     doctor: the first examples as the model sees them; labels, EOS, padding, template, precision
     model.py         the base (4-bit or 16-bit), prepared for k-bit training, plus the adapters
     trainer.py       the Trainer subclass, its callbacks, TrainingArguments from the recipe
     answer_only.py   the output layer on answer tokens only, and the validation loss
