@@ -189,6 +189,8 @@ def test_compare_models_measures_every_variant_on_the_same_data(tmp_path_factory
     by_name = {r["variant"]: r for r in rows}
     assert list(by_name) == ["bf16 base", "4-bit base", "4-bit + adapter", "merged"]
     assert by_name["bf16 base"]["perplexity_ratio"] == 1.0
+    # bf16 weights (measured as such), computed in float32 where the CPU only emulates bf16 (on this path: always)
+    assert by_name["bf16 base"]["compute_dtype"] == "float32"
     for row in rows:
         assert row["samples"] == 4 and row["generated_tokens"] == 4
         for key in ("perplexity", "bleu", "chrf", "perplexity_ratio", "load_s", "weights_mb", "rss_peak_mb", "ttft_s", "tokens_per_s"):
