@@ -117,15 +117,13 @@ def compare_models(
             start = time.perf_counter()
             model, tokenizer = loader()
             load_s = time.perf_counter() - start
-            row: dict[str, Any] = {"variant": name, "load_s": round(load_s, 2),
-                                   "weights_mb": round(model.get_memory_footprint() / 2**20, 1)}
+            weights_mb = round(model.get_memory_footprint() / 2**20, 1)  # as stored, before any cast
             model = computed_as_this_cpu_would(model)
-            row["compute_dtype"] = str(model.dtype).removeprefix("torch.")
+            row: dict[str, Any] = {"variant": name, "compute_dtype": str(model.dtype).removeprefix("torch.")}
             row.update(evaluate_model(model, tokenizer, examples, batch_size, max_new_tokens, max_length, generation))
             if performance:
+                row.update(load_s=round(load_s, 2), weights_mb=weights_mb)
                 row.update(measure_generation(model, tokenizer, max_new_tokens=speed_tokens))
-            else:
-                del row["load_s"], row["weights_mb"]
         if performance:
             row.update(memory.mib())
         rows.append(row)

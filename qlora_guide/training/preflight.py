@@ -17,7 +17,6 @@ would be wasted).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -25,8 +24,6 @@ from qlora_guide.config import Recipe, load_recipe
 from qlora_guide.data import IGNORE_INDEX, Collator, load_examples, tokenize
 from qlora_guide.errors import QLoRAGuideError
 from qlora_guide.precision import Precision
-
-log = logging.getLogger(__name__)
 
 Level = Literal["ok", "note", "warning", "error"]
 CHECKED_EXAMPLES = 32  # examples tokenized for the checks: enough to see a pattern, milliseconds to encode
