@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,11 @@ from qlora_guide.training import (
     COMPLETE_MARKER,
     build_model,
     check_output_dir,
+    compare_runs,
     latest_checkpoint,
+    launch,
+    launch_command,
+    logged,
     mark_complete,
     resolve_precision,
     train,
@@ -444,31 +447,52 @@ def test_resume_after_sigkill_ends_with_the_same_adapter_and_metrics(tiny_recipe
     ]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu(tiny_recipe, tmp_path):
-    out = tmp_path / "ddp"
-    tiny_recipe["training"].update(max_steps=3, save_steps=3)
-    body = (
-        f"result = train(recipe, output_dir={str(out)!r})\n"
-        f"open(os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK']), 'w').write(str(result.metrics['global_step']))\n"
-    )
-    script = _script(tmp_path, tiny_recipe, body)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), str(script)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "3"
-    assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
-    assert [p.name for p in out.iterdir() if "adapter" in p.name] == ["adapter"]  # written once, no leftover
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(tiny_recipe, tmp_path):
+    """DDP on 2 CPU processes (accelerate launch) against one process accumulating the same two half-batches: same
+    examples per step, same losses, same adapter; the validation set (7 sequences, one per batch, which accelerate pads to 8 across
+    2 processes) counted once, and the final training loss averaged over processes, not taken from rank 0.
+    Without dropout: each process draws its own masks, so with dropout the runs agree in distribution only."""
+    tiny_recipe["data"]["validation_size"] = 0.2
+    tiny_recipe["lora"]["lora_dropout"] = 0.0
+    tiny_recipe["training"].update(max_steps=3, save_steps=3, eval_steps=3,
+                                   per_device_train_batch_size=1)
+    one = train(tiny_recipe, ["training.gradient_accumulation_steps=2"], output_dir=tmp_path / "one")
+    two = launch(tiny_recipe, output_dir=tmp_path / "two", num_processes=2, timeout=1200)
+
+    comparison = compare_runs(one.output_dir, two.output_dir)
+    assert [row["step"] for row in comparison.steps] == [1, 2, 3]
+    assert comparison.max_loss_difference < 1e-5, comparison.steps
+    assert [row["step"] for row in comparison.validation] == [0, 3]
+    assert comparison.max_validation_difference < 1e-5, comparison.validation
+    assert comparison.adapter["relative"] < 1e-4, comparison.adapter
+    for key in ("train_tokens", "global_step"):
+        assert two.metrics[key] == one.metrics[key], key
+    assert logged(two.output_dir, "eval_tokens") == logged(one.output_dir, "eval_tokens")  # no sequence counted twice
+    assert two.metrics["train_loss"] == pytest.approx(one.metrics["train_loss"], rel=1e-5)
+
+    assert json.loads((two.output_dir / "manifest.json").read_text())["world_size"] == 2
+    assert [p.name for p in two.output_dir.iterdir() if "adapter" in p.name] == ["adapter"]  # written once, no leftover
+
+
+def test_launch_checks_the_recipe_and_the_folder_before_starting_processes(tiny_recipe, tmp_path):
+    with pytest.raises(QLoRAGuideError, match="training.learning_rate"):
+        launch(tiny_recipe, ["training.learning_rate=fast"], output_dir=tmp_path / "bad")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(QLoRAGuideError, match="taken"):
+        launch(tiny_recipe, output_dir=tmp_path / "taken")
+    assert not (tmp_path / "bad").exists() and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_launch_command_is_data_parallel_unless_a_config_file_says_otherwise():
+    ddp = launch_command("demo", ["training.max_steps=4"], "runs/ddp", num_processes=2)
+    assert ddp[1:] == ["-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "-m", "qlora_guide",
+                       "train", "demo", "--set", "training.max_steps=4", "--output-dir", "runs/ddp"]
+    fsdp = launch_command("llama-3-70b-fsdp", num_processes=4, config_file="fsdp_qlora.yaml")
+    assert "--multi_gpu" not in fsdp and fsdp[fsdp.index("--config_file") + 1] == "fsdp_qlora.yaml"
+    with pytest.raises(QLoRAGuideError, match="num_processes"):
+        launch_command("demo", num_processes=0)
 
 
 @pytest.mark.gpu

@@ -39,6 +39,8 @@ Where each part lives::
     checkpoints.py   the run folder: refusing to damage one, complete checkpoints, resume state
     devices.py       processes, precision, memory peaks
     result.py        what train() returns
+    launch.py        several processes: the accelerate launch command of a recipe, and launch() to run it
+    equivalence.py   two runs of one recipe compared step by step (one process against several)
 """
 
 from qlora_guide.runs import COMPLETE_MARKER
@@ -61,6 +63,14 @@ from qlora_guide.training.devices import (
     resolve_precision,
     world_size,
 )
+from qlora_guide.training.equivalence import (
+    RunComparison,
+    adapter_difference,
+    compare_runs,
+    comparison_rows,
+    logged,
+)
+from qlora_guide.training.launch import LaunchResult, format_launch_result, launch, launch_command
 from qlora_guide.training.model import build_model, check_target_modules, trainable_parameters
 from qlora_guide.training.result import TrainResult, format_train_result
 from qlora_guide.training.run import train
@@ -72,9 +82,9 @@ from qlora_guide.training.trainer import (
 )
 
 __all__ = [
-    "COMPLETE_MARKER", "AnswerOnlyLogits", "QLoRATrainer", "RunState", "TrainResult", "build_model",
-    "check_output_dir", "check_target_modules", "format_train_result", "free_memory", "fsdp_enabled", "initial_eval_loss",
-    "is_complete", "is_main_process", "latest_checkpoint", "make_trainer", "mark_complete", "memory_stats",
+    "COMPLETE_MARKER", "AnswerOnlyLogits", "LaunchResult", "QLoRATrainer", "RunComparison", "RunState", "TrainResult",
+    "adapter_difference", "build_model", "check_output_dir", "compare_runs", "comparison_rows", "check_target_modules", "format_launch_result", "format_train_result", "free_memory", "fsdp_enabled", "initial_eval_loss",
+    "is_complete", "is_main_process", "latest_checkpoint", "launch", "launch_command", "logged", "make_trainer", "mark_complete", "memory_stats",
     "package_training_arguments", "resolve_precision", "save_adapter", "train", "trainable_parameters",
     "training_arguments", "validation_loss", "verify_checkpoint", "world_size",
 ]

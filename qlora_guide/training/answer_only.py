@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from qlora_guide.loss import answer_token_count, answer_token_nll
+from qlora_guide.loss import IGNORE_INDEX, answer_token_count, answer_token_nll
 
 log = logging.getLogger(__name__)
 
 
-def validation_loss(model: Any, batches: Any, autocast: Any = contextlib.nullcontext) -> tuple[float, int]:
+def validation_loss(model: Any, batches: Any, autocast: Any = contextlib.nullcontext,
+                    gather: Callable[[Any], Any] | None = None) -> tuple[float, int]:
     """Token-weighted loss over batches: (mean loss per answer token, number of answer tokens).
 
     transformers' own evaluation averages per-batch means, which weights a short
     batch like a long one; this sums over tokens (:func:`~qlora_guide.loss.answer_token_nll`,
     as evaluation's perplexity does), so packed and unpacked data give the same figure.
+
+    On several processes ``gather`` is accelerate's ``gather_for_metrics``: every process
+    gets every sequence's sums, except the sequences accelerate repeats so that each process
+    has as many batches as the others, which would otherwise count twice.
     """
     total, count = 0.0, 0
     was_training = model.training
@@ -26,13 +32,16 @@ def validation_loss(model: Any, batches: Any, autocast: Any = contextlib.nullcon
     with torch.no_grad():
         for batch in batches:
             labels = batch["labels"]
-            n = answer_token_count(labels)
-            if n == 0:
+            if gather is None and answer_token_count(labels) == 0:
                 continue
             with autocast():
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                total += float(answer_token_nll(logits, labels))
-            count += n
+                sums = torch.stack([answer_token_nll(logits[i:i + 1], labels[i:i + 1]) for i in range(len(labels))])
+            counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+            if gather is not None:
+                sums, counts = gather((sums.double(), counts))
+            total += float(sums.double().sum())
+            count += int(counts.sum())
     model.train(was_training)
     return (total / count if count else float("nan")), count
 

@@ -152,15 +152,17 @@ def _final_metrics(trainer: Any, output: Any, data: PreparedData, initial_eval: 
     """Final figures of the whole run (a resumed one included): training loss and speed, and the validation
     loss of the kept (best) adapter."""
     state, run = trainer.state, trainer.run_state
-    tokens = torch.tensor([run.real_tokens, run.padded_tokens], device=trainer.args.device)
-    if trainer.args.world_size > 1:  # every process counted its own batches
-        tokens = trainer.accelerator.reduce(tokens, reduction="sum")
-    real, padding = (int(t) for t in tokens.tolist())
+    counts = torch.tensor([run.real_tokens, run.padded_tokens, run.loss_sum], dtype=torch.float64,
+                          device=trainer.args.device)
+    if trainer.args.world_size > 1:  # every process counted its own batches, and its own share of each loss
+        counts = trainer.accelerator.reduce(counts, reduction="sum")
+        counts[2] /= trainer.args.world_size  # each share is scaled by the process count, as DDP averages
+    real, padding, loss_sum = int(counts[0]), int(counts[1]), float(counts[2])
     runtime = run.runtime + output.metrics.get("train_runtime", time.time() - run.started)
     metrics: dict[str, Any] = {
         "global_step": state.global_step,
         "epoch": state.epoch,
-        "train_loss": run.loss_sum / max(state.global_step, 1),
+        "train_loss": loss_sum / max(state.global_step, 1),
         "train_runtime": runtime,
         "train_tokens": real,
         "train_padding_tokens": padding,

@@ -83,17 +83,14 @@ class QLoRATrainer(RunTrainer, Trainer):
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
         batches = (self._prepare_inputs(b) for b in dataloader)
         pending = len(self.data_collator.batch_counts)
-        loss, tokens = validation_loss(self.model, batches, self.autocast_smart_context_manager)
+        gather = self.accelerator.gather_for_metrics if self.args.world_size > 1 else None
+        loss, tokens = validation_loss(self.model, batches, self.autocast_smart_context_manager, gather)
         while len(self.data_collator.batch_counts) > pending:  # validation batches are not training tokens
             self.data_collator.batch_counts.pop()
-        totals = torch.tensor([loss * tokens if tokens else 0.0, float(tokens)], dtype=torch.float64, device=self.args.device)
-        if self.args.world_size > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
-        loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
         metrics = {
             f"{metric_key_prefix}_loss": loss,
             f"{metric_key_prefix}_perplexity": math.exp(min(loss, 50)),
-            f"{metric_key_prefix}_tokens": int(totals[1]),
+            f"{metric_key_prefix}_tokens": tokens,
         }
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(dataloader.dataset))
 
