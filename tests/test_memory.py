@@ -418,3 +418,40 @@ def test_peak_rows_set_the_weights_against_the_peak_of_a_step():
     assert short["peak_gib"] == plans[0].training_total / GiB > short["weights_gib"] + short["activations_gib"]
     assert long["activations_gib"] > 3 * short["activations_gib"] and unchecked["activations_gib"] > 10 * short["activations_gib"]
     assert math.isclose(short["peak_over_weights"], short["peak_gib"] / short["weights_gib"])
+
+
+# ---------------------------------------------------------------- several GPUs: DDP copies, FSDP shards
+
+RUN_70B = dict(method="qlora", r=64, batch_size=1, seq_len=2048)
+
+
+@pytest.mark.parametrize("strategy", memory.STRATEGIES)
+def test_one_gpu_of_one_is_the_planners_run(strategy):
+    assert memory.per_device("llama-3-70b", 1, strategy, **RUN_70B).total == estimate("llama-3-70b", **RUN_70B).training_total
+
+
+def test_ddp_copies_everything_and_adds_its_gradient_buckets():
+    single = estimate("mistral-7b", method="qlora", r=16, batch_size=4, seq_len=512)
+    gradients = single._get(single.training, "gradients")
+    for n in (2, 8):  # the same on every GPU, whatever their number
+        assert memory.per_device("mistral-7b", n, "ddp", method="qlora", r=16, batch_size=4, seq_len=512).total == (
+            single.training_total + gradients)
+
+
+def test_fsdp_shards_the_4bit_base_and_keeps_what_it_must_gather():
+    plans = {n: memory.per_device("llama-3-70b", n, "fsdp", **RUN_70B) for n in (2, 4, 8)}
+    rows = {n: {row.name: row.bytes for row in plan.rows} for n, plan in plans.items()}
+    single = {row.name: row.bytes for row in estimate("llama-3-70b", **RUN_70B).training}
+    for name in ("base weights", "optimizer states", "gradients"):
+        assert rows[4][name] == -(-single[name] // 4), name
+    # 70B in 4 bits (about 33 GiB of codes and constants) does not fit one 24 GiB GPU; sharded over 4 or 8 it can
+    assert single["base weights"] + single["quant. constants"] > 32 * GiB
+    assert plans[2].total > plans[4].total > plans[8].total
+    floor = rows[8]["16-bit weights"] + rows[8]["gathered layers"] + single["activations"] + single["CUDA overhead"]
+    assert floor < plans[8].total < floor + single["base weights"] / 4  # what cannot be sharded is what remains
+    assert plans[4].total < 24 * GiB
+
+
+def test_per_device_names_a_wrong_strategy():
+    with pytest.raises(QLoRAGuideError, match="strategy must be one of ddp, fsdp"):
+        memory.per_device("mistral-7b", 2, "zero5")

@@ -10,6 +10,9 @@
     :func:`compare_methods`, :func:`comparison_rows`, :class:`MemoryEstimate`
     and :class:`Row`, and the byte counts they use (:func:`quantized_bytes`,
     :func:`lora_parameters`, activations, the CUDA overhead constants).
+``sharding.py``
+    memory per GPU when several train one run: :func:`per_device` (DDP copies,
+    FSDP or ZeRO-3 shards) and :func:`per_device_rows`.
 ``report.py``
     text tables: :func:`gib`, :func:`format_estimate`, :func:`format_comparison`
     and :func:`format_measurement`.
@@ -87,17 +90,18 @@ from qlora_guide.memory.shapes import (
     load_model_shape,
     shape_from_config,
 )
+from qlora_guide.memory.sharding import STRATEGIES, DeviceMemory, per_device, per_device_rows
 
 __all__ = [
     "ALLOCATOR_SLACK", "BNB_BLOCKSIZES", "CODE_4BIT_BYTES", "CODE_8BIT_BYTES", "CONFIGS_DIR", "CUBLAS_WORKSPACE_BYTES",
     "CUDA_CONTEXT_BYTES", "DTYPE_BYTES", "ENCODER_MODEL_TYPES", "GUIDE_TARGET_MODULES", "METHODS", "NESTED_BLOCKSIZE",
     "OFFSET_BYTES", "OPTIMIZERS", "PAPER_65B_MODEL", "PAPER_65B_SEQ_LEN", "PAPER_65B_SETTINGS",
     "PEFT_DEFAULT_ADAPTER_DTYPE", "STATES_IN_PARAMETER_DTYPE", "SUPPORTED_MODEL_TYPES", "TIED_BY_DEFAULT",
-    "GiB", "MemoryEstimate", "ModelShape", "PeakMemory", "Row",
+    "STRATEGIES", "DeviceMemory", "GiB", "MemoryEstimate", "ModelShape", "PeakMemory", "Row",
     "_peft_model", "_random_batch", "activation_bytes", "build_random_model", "bundled_configs", "bundled_lookup",
     "compare_methods", "comparison_rows", "estimate", "format_comparison", "format_estimate", "format_measurement",
     "gib", "layer_activation_bytes", "load_model_shape", "lora_parameters", "main", "measure_cpu_in_subprocess",
     "measure_cpu_training_peak", "measure_gpu_in_subprocess", "measure_gpu_training_peak", "model_tensor_bytes",
-    "paper_headline_check", "peak_memory", "peak_rows", "proc_status", "quantized_bytes", "read_peaks", "reset_peak_rss",
+    "paper_headline_check", "peak_memory", "peak_rows", "per_device", "per_device_rows", "proc_status", "quantized_bytes", "read_peaks", "reset_peak_rss",
     "saved_activation_bytes", "shape_from_config", "sixteen_gb_check",
 ]

@@ -45,6 +45,11 @@ class LaunchResult:
     def adapter_dir(self) -> Path:
         return RunFolder(self.output_dir).adapter
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (for ``qlora-guide launch --json``)."""
+        return {"command": self.command, "output_dir": str(self.output_dir), "adapter_dir": str(self.adapter_dir),
+                "num_processes": self.num_processes, "metrics": self.metrics, "seconds": self.seconds}
+
 
 def launch_command(recipe: str | os.PathLike, overrides: list[str] | None = None, output_dir: str | os.PathLike | None = None,
                    num_processes: int = 2, config_file: str | os.PathLike | None = None,
