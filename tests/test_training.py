@@ -23,6 +23,7 @@ from qlora_guide.training import (
     launch,
     launch_command,
     logged,
+    loss_table,
     mark_complete,
     resolve_precision,
     train,
@@ -470,6 +471,9 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
         assert two.metrics[key] == one.metrics[key], key
     assert logged(two.output_dir, "eval_tokens") == logged(one.output_dir, "eval_tokens")  # no sequence counted twice
     assert two.metrics["train_loss"] == pytest.approx(one.metrics["train_loss"], rel=1e-5)
+    table = loss_table({"one": one.output_dir, "two": two.output_dir})
+    assert [(row["loss"], row["step"]) for row in table] == [("training", 1), ("training", 2), ("training", 3),
+                                                             ("validation", 0), ("validation", 3)]
 
     assert json.loads((two.output_dir / "manifest.json").read_text())["world_size"] == 2
     assert [p.name for p in two.output_dir.iterdir() if "adapter" in p.name] == ["adapter"]  # written once, no leftover
@@ -487,7 +491,7 @@ def test_launch_checks_the_recipe_and_the_folder_before_starting_processes(tiny_
 
 def test_launch_command_is_data_parallel_unless_a_config_file_says_otherwise():
     ddp = launch_command("demo", ["training.max_steps=4"], "runs/ddp", num_processes=2)
-    assert ddp[1:] == ["-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "-m", "qlora_guide",
+    assert ddp == ["accelerate", "launch", "--num_processes", "2", "--multi_gpu", "-m", "qlora_guide",
                        "train", "demo", "--set", "training.max_steps=4", "--output-dir", "runs/ddp"]
     fsdp = launch_command("llama-3-70b-fsdp", num_processes=4, config_file="fsdp_qlora.yaml")
     assert "--multi_gpu" not in fsdp and fsdp[fsdp.index("--config_file") + 1] == "fsdp_qlora.yaml"

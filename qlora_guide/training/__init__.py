@@ -69,6 +69,7 @@ from qlora_guide.training.equivalence import (
     compare_runs,
     comparison_rows,
     logged,
+    loss_table,
 )
 from qlora_guide.training.launch import LaunchResult, format_launch_result, launch, launch_command
 from qlora_guide.training.model import build_model, check_target_modules, trainable_parameters
@@ -84,7 +85,7 @@ from qlora_guide.training.trainer import (
 __all__ = [
     "COMPLETE_MARKER", "AnswerOnlyLogits", "LaunchResult", "QLoRATrainer", "RunComparison", "RunState", "TrainResult",
     "adapter_difference", "build_model", "check_output_dir", "compare_runs", "comparison_rows", "check_target_modules", "format_launch_result", "format_train_result", "free_memory", "fsdp_enabled", "initial_eval_loss",
-    "is_complete", "is_main_process", "latest_checkpoint", "launch", "launch_command", "logged", "make_trainer", "mark_complete", "memory_stats",
+    "is_complete", "is_main_process", "latest_checkpoint", "launch", "launch_command", "logged", "loss_table", "make_trainer", "mark_complete", "memory_stats",
     "package_training_arguments", "resolve_precision", "save_adapter", "train", "trainable_parameters",
     "training_arguments", "validation_loss", "verify_checkpoint", "world_size",
 ]

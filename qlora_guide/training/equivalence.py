@@ -88,3 +88,13 @@ def comparison_rows(comparison: RunComparison) -> list[dict[str, Any]]:
     return [{"loss": kind, "step": row["step"], first: row["a"], second: row["b"],
              "relative difference": row["relative_difference"]}
             for kind, rows in (("training", comparison.steps), ("validation", comparison.validation)) for row in rows]
+
+
+def loss_table(runs: dict[str, str | os.PathLike]) -> list[dict[str, Any]]:
+    """The training and validation losses of several runs, one row per step that all of them logged."""
+    rows = []
+    for kind, key in (("training", "loss"), ("validation", "eval_loss")):
+        logs = {name: logged(run, key) for name, run in runs.items()}
+        for step in sorted(set.intersection(*(set(log) for log in logs.values()))):
+            rows.append({"loss": kind, "step": step, **{name: log[step] for name, log in logs.items()}})
+    return rows

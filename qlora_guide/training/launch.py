@@ -54,14 +54,15 @@ class LaunchResult:
 def launch_command(recipe: str | os.PathLike, overrides: list[str] | None = None, output_dir: str | os.PathLike | None = None,
                    num_processes: int = 2, config_file: str | os.PathLike | None = None,
                    main_process_port: int | None = None) -> list[str]:
-    """The ``accelerate launch`` command that runs ``qlora-guide train`` on ``num_processes`` processes.
+    """The ``accelerate launch`` command, as typed in a shell, that runs ``qlora-guide train`` on
+    ``num_processes`` processes.
 
     Without ``config_file`` it is data parallel (DDP, ``--multi_gpu``); with one (the bundled FSDP
     config, a DeepSpeed one) the file decides how the model is spread.
     """
     if num_processes < 1:
         raise QLoRAGuideError(f"num_processes must be at least 1, not {num_processes}")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    cmd = ["accelerate", "launch", "--num_processes", str(num_processes)]
     if config_file is not None:
         cmd += ["--config_file", str(config_file)]
     elif num_processes > 1:
@@ -102,7 +103,9 @@ def launch(recipe: Recipe | str | Path | dict, overrides: list[str] | None = Non
         recipe_file = Path(tmp) / f"{loaded.name}.yaml"
         recipe_file.write_text(yaml.safe_dump(loaded.to_dict(), sort_keys=False))
         extra = ["--overwrite"] if overwrite else []
-        cmd = launch_command(recipe_file, None, out, num_processes, config_file, free_port()) + extra
+        # accelerate's launcher from this interpreter, whatever the PATH holds
+        cmd = [sys.executable, "-m", "accelerate.commands.launch",
+               *launch_command(recipe_file, None, out, num_processes, config_file, free_port())[2:], *extra]
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         seconds = time.perf_counter() - start
