@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(DOCS_DIR / "_ext"))
 
-from package_hash import package_source_hash  # noqa: E402
+from package_hash import execution_cache_name  # noqa: E402
 
 # -- Project -------------------------------------------------------------------
 
@@ -77,8 +77,7 @@ OUTPUT_CATALOGUES = DOCS_DIR / "locales" / "{lang}" / "outputs"
 os.environ["QLORA_GUIDE_CATALOGUES"] = str(OUTPUT_CATALOGUES)
 
 nb_execution_mode = "cache"
-nb_execution_cache_path = str(DOCS_DIR / "_build" / ".jupyter_cache"
-                              / package_source_hash(PACKAGE_DIR, *(DOCS_DIR / "locales").glob("*/outputs")))
+nb_execution_cache_path = str(DOCS_DIR / "_build" / ".jupyter_cache" / execution_cache_name(DOCS_DIR))
 # Training runs that several pages share (the demo run) live in the same folder,
 # so a change in the package trains them again and old ones are pruned with it.
 os.environ["QLORA_GUIDE_DOCS_RUNS"] = str(Path(nb_execution_cache_path) / "runs")

@@ -35,3 +35,20 @@ def test_the_hash_follows_the_catalogues_the_cells_read(tmp_path):
     assert package_source_hash(package) != first
     catalogue.write_text("training loss: perte d'entraînement\n")
     assert package_source_hash(package, outputs) != first, "a new translation must execute the pages again"
+
+
+def test_the_build_keeps_the_cache_the_pages_execute_into():
+    """build_site prunes every execution cache but the current one: it must name it as conf.py does, or each
+    build would delete the cache and execute every page again."""
+    docs = Path(__file__).parents[1] / "docs"
+    sys.path.insert(0, str(docs / "tools"))
+    try:
+        import build_site
+    finally:
+        sys.path.remove(str(docs / "tools"))
+    from package_hash import execution_cache_name
+
+    conf = (docs / "conf.py").read_text()
+    assert "execution_cache_name(DOCS_DIR)" in conf
+    assert build_site.current_cache_name() == execution_cache_name(docs)
+    assert execution_cache_name(docs) != package_source_hash(docs.parent / "qlora_guide")  # the catalogues count

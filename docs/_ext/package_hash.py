@@ -34,3 +34,12 @@ def package_source_hash(package_dir: Path, *more: Path, length: int = 12) -> str
             digest.update(path.read_bytes())
             digest.update(b"\0")
     return digest.hexdigest()[:length]
+
+
+def execution_cache_name(docs_dir: Path) -> str:
+    """The name of the docs' execution cache: the hash of the package and of the outputs' catalogues.
+
+    ``conf.py`` builds the cache path from it and ``tools/build_site.py`` prunes every other cache,
+    so the two must compute the same name.
+    """
+    return package_source_hash(docs_dir.parent / "qlora_guide", *sorted((docs_dir / "locales").glob("*/outputs")))

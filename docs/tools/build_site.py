@@ -292,10 +292,10 @@ def current_cache_name() -> str:
     """The hash that conf.py puts in the execution cache path."""
     sys.path.insert(0, str(DOCS / "_ext"))
     try:
-        from package_hash import package_source_hash
+        from package_hash import execution_cache_name
     finally:
         sys.path.pop(0)
-    return package_source_hash(REPO / "qlora_guide")
+    return execution_cache_name(DOCS)
 
 
 # -- The whole build -----------------------------------------------------------
