@@ -67,7 +67,6 @@ from qlora_guide.training.equivalence import (
     RunComparison,
     adapter_difference,
     compare_runs,
-    comparison_rows,
     logged,
     loss_table,
 )
@@ -84,7 +83,7 @@ from qlora_guide.training.trainer import (
 
 __all__ = [
     "COMPLETE_MARKER", "AnswerOnlyLogits", "LaunchResult", "QLoRATrainer", "RunComparison", "RunState", "TrainResult",
-    "adapter_difference", "build_model", "check_output_dir", "compare_runs", "comparison_rows", "check_target_modules", "format_launch_result", "format_train_result", "free_memory", "fsdp_enabled", "initial_eval_loss",
+    "adapter_difference", "build_model", "check_output_dir", "compare_runs", "check_target_modules", "format_launch_result", "format_train_result", "free_memory", "fsdp_enabled", "initial_eval_loss",
     "is_complete", "is_main_process", "latest_checkpoint", "launch", "launch_command", "logged", "loss_table", "make_trainer", "mark_complete", "memory_stats",
     "package_training_arguments", "resolve_precision", "save_adapter", "train", "trainable_parameters",
     "training_arguments", "validation_loss", "verify_checkpoint", "world_size",

@@ -82,14 +82,6 @@ def compare_runs(a: str | os.PathLike, b: str | os.PathLike,
     return RunComparison(names, steps, validation, adapter_difference(a, b))
 
 
-def comparison_rows(comparison: RunComparison) -> list[dict[str, Any]]:
-    """One row per logged loss, training then validation, with both runs' values, for a table."""
-    first, second = comparison.names
-    return [{"loss": kind, "step": row["step"], first: row["a"], second: row["b"],
-             "relative difference": row["relative_difference"]}
-            for kind, rows in (("training", comparison.steps), ("validation", comparison.validation)) for row in rows]
-
-
 def loss_table(runs: dict[str, str | os.PathLike]) -> list[dict[str, Any]]:
     """The training and validation losses of several runs, one row per step that all of them logged."""
     rows = []
