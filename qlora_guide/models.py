@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from filelock import FileLock
+
 from qlora_guide import progress
 from qlora_guide.errors import QLoRAGuideError, first_line
 from qlora_guide.outputs import sha256_file
@@ -73,15 +75,19 @@ def embedded_model_path(rebuild: bool = False) -> Path:
         check_cache(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
-        convert_gguf(gguf, staging)
-        write_manifest(staging, source=gguf)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)  # atomic on one filesystem: the cache appears complete or not at all
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with FileLock(f"{target}.lock"):  # processes that start together (test workers, pages) convert it once
+        if target.exists() and not rebuild:
+            check_cache(target)
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+        try:
+            convert_gguf(gguf, staging)
+            write_manifest(staging, source=gguf)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)  # atomic on one filesystem: the cache appears complete or not at all
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

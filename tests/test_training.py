@@ -555,3 +555,27 @@ def test_variant_adapters_train_merge_and_serve_like_plain_lora(tiny_recipe, tmp
             alone = {model: ask(model) for model in names}
             with ThreadPoolExecutor(max_workers=6) as pool:
                 assert list(pool.map(ask, names * 2)) == [alone[m] for m in names] * 2
+
+
+def test_train_once_waits_for_the_run_another_caller_is_training(tmp_path):
+    """A second caller blocks on the lock while the first trains, then reuses the finished run instead of training."""
+    import threading
+
+    from filelock import FileLock
+
+    from qlora_guide.training import train_once
+
+    out = tmp_path / "shared" / "demo"
+    lock = FileLock(f"{out}.lock")
+    lock.acquire()  # as if another page were training this run
+    done = []
+    caller = threading.Thread(target=lambda: done.append(train_once("demo", out)))
+    caller.start()
+    caller.join(timeout=2)
+    assert caller.is_alive() and not out.exists(), "train_once does not wait for the lock"
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")  # the other caller's run, finished
+    lock.release()
+    caller.join(timeout=30)
+    assert done == [out]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"], "a finished run was trained again"

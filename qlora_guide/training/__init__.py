@@ -31,7 +31,7 @@ any CPU (:mod:`qlora_guide.precision`).
 
 Where each part lives::
 
-    run.py           train(): checks, data, model, Trainer, final figures, manifest
+    run.py           train(): checks, data, model, Trainer, final figures, manifest; train_once() for a shared run
     preflight.py     doctor: the first examples as the model sees them; labels, EOS, padding, template, precision
     model.py         the base (4-bit or 16-bit), prepared for k-bit training, plus the adapters
     trainer.py       the Trainer subclass, its callbacks, TrainingArguments from the recipe
@@ -73,7 +73,7 @@ from qlora_guide.training.equivalence import (
 from qlora_guide.training.launch import LaunchResult, format_launch_result, launch, launch_command
 from qlora_guide.training.model import build_model, check_target_modules, trainable_parameters
 from qlora_guide.training.result import TrainResult, format_train_result
-from qlora_guide.training.run import train
+from qlora_guide.training.run import train, train_once
 from qlora_guide.training.trainer import (
     QLoRATrainer,
     make_trainer,
@@ -85,6 +85,6 @@ __all__ = [
     "COMPLETE_MARKER", "AnswerOnlyLogits", "LaunchResult", "QLoRATrainer", "RunComparison", "RunState", "TrainResult",
     "adapter_difference", "build_model", "check_output_dir", "compare_runs", "check_target_modules", "format_launch_result", "format_train_result", "free_memory", "fsdp_enabled", "initial_eval_loss",
     "is_complete", "is_main_process", "latest_checkpoint", "launch", "launch_command", "logged", "loss_table", "make_trainer", "mark_complete", "memory_stats",
-    "package_training_arguments", "resolve_precision", "save_adapter", "train", "trainable_parameters",
+    "package_training_arguments", "resolve_precision", "save_adapter", "train", "train_once", "trainable_parameters",
     "training_arguments", "validation_loss", "verify_checkpoint", "world_size",
 ]

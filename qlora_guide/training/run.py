@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from qlora_guide import progress
 from qlora_guide.config import Recipe, load_recipe
@@ -146,6 +147,23 @@ def train(
     del trainer, model, output
     free_memory()  # the Trainer holds reference cycles: give the model's memory back before returning
     return result
+
+
+def train_once(recipe: Recipe | str | Path | dict, output_dir: str | Path,
+               overrides: list[str] | None = None) -> Path:
+    """The run folder ``output_dir``, trained with ``recipe`` unless it already holds a finished run.
+
+    For pages and scripts that share one run: the first caller trains, the others reuse
+    its folder. A lock file beside the folder makes a caller that comes while another is
+    training wait for that run instead of training the same one again. A folder whose
+    run never finished (no ``metrics.json``) is trained again from the start.
+    """
+    out = Path(output_dir).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):
+        if not RunFolder(out).metrics.is_file():
+            train(recipe, overrides, output_dir=out, overwrite=True)
+    return out
 
 
 def _final_metrics(trainer: Any, output: Any, data: PreparedData, initial_eval: float | None) -> dict[str, Any]:
