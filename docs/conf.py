@@ -46,6 +46,7 @@ extensions = [
     "language_switch",
     "notebook_download",
     "execution_times",
+    "parallel_execution",
 ]
 
 exclude_patterns = ["_build", "_build.*", "jupyter_execute", "locales", "tools", "**.ipynb_checkpoints", "README.md"]
