@@ -21,11 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from filelock import FileLock
-
 from qlora_guide import progress
 from qlora_guide.errors import QLoRAGuideError, first_line
-from qlora_guide.outputs import sha256_file
+from qlora_guide.outputs import lock_beside, sha256_file
 from qlora_guide.precision import follow_cpu_bf16_setting
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,7 +73,7 @@ def embedded_model_path(rebuild: bool = False) -> Path:
         check_cache(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{target}.lock"):  # processes that start together (test workers, pages) convert it once
+    with lock_beside(target):  # processes that start together (test workers, pages) convert it once
         if target.exists() and not rebuild:
             check_cache(target)
             return target

@@ -24,6 +24,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock
+
 from qlora_guide.errors import QLoRAGuideError
 
 MARKER = ".qlora-guide-output.json"
@@ -54,6 +56,18 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def lock_beside(path: str | os.PathLike) -> FileLock:
+    """A lock between processes on ``path``, held through a hidden ``.<name>.lock`` file beside it.
+
+    For work that several processes may start at once and only one must do (converting
+    the embedded model, training a run that pages share): the first takes the lock and
+    does it, the others wait, then find it done.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path.with_name(f".{path.name}.lock"))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -561,12 +561,11 @@ def test_train_once_waits_for_the_run_another_caller_is_training(tmp_path):
     """A second caller blocks on the lock while the first trains, then reuses the finished run instead of training."""
     import threading
 
-    from filelock import FileLock
-
+    from qlora_guide.outputs import lock_beside
     from qlora_guide.training import train_once
 
     out = tmp_path / "shared" / "demo"
-    lock = FileLock(f"{out}.lock")
+    lock = lock_beside(out)
     lock.acquire()  # as if another page were training this run
     done = []
     caller = threading.Thread(target=lambda: done.append(train_once("demo", out)))

@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 
 from qlora_guide import progress
 from qlora_guide.config import Recipe, load_recipe
 from qlora_guide.data import PreparedData, load_examples, prepare_data
 from qlora_guide.models import load_tokenizer, resolve_model
-from qlora_guide.outputs import write_text_atomic
+from qlora_guide.outputs import lock_beside, write_text_atomic
 from qlora_guide.precision import Precision
 from qlora_guide.runs import MANIFEST_FILE, METRICS_FILE, RunFolder, checkpoint_step
 from qlora_guide.training import preflight
@@ -154,13 +153,12 @@ def train_once(recipe: Recipe | str | Path | dict, output_dir: str | Path,
     """The run folder ``output_dir``, trained with ``recipe`` unless it already holds a finished run.
 
     For pages and scripts that share one run: the first caller trains, the others reuse
-    its folder. A lock file beside the folder makes a caller that comes while another is
+    its folder. A hidden lock file beside the folder makes a caller that comes while another is
     training wait for that run instead of training the same one again. A folder whose
     run never finished (no ``metrics.json``) is trained again from the start.
     """
     out = Path(output_dir).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{out}.lock"):
+    with lock_beside(out):
         if not RunFolder(out).metrics.is_file():
             train(recipe, overrides, output_dir=out, overwrite=True)
     return out
