@@ -62,9 +62,16 @@ def install(session: nox.Session, extras: str) -> None:
 
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
-    """The test suite, offline, on the embedded model (slow tests included; `-- -m 'not slow'` skips them)."""
+    """The test suite, offline, on the embedded model (slow tests included; `-- -m 'not slow'` skips them).
+
+    One pytest-xdist worker per core (at most 4), each module on one worker so that its
+    shared fixtures (a trained adapter, a served model) are built once; `-- -n 0` runs
+    the tests in this process.
+    """
     install(session, "test")
-    session.run("pytest", *(session.posargs or ["-q"]), env={**OFFLINE, "QLORA_GUIDE_CACHE": model_cache()})
+    workers = str(min(4, os.cpu_count() or 1))
+    session.run("pytest", *(session.posargs or ["-q", "-n", workers, "--dist", "loadfile"]),
+                env={**OFFLINE, "QLORA_GUIDE_CACHE": model_cache()})
 
 
 @nox.session(python="3.11")

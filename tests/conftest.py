@@ -17,6 +17,11 @@ import pytest
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_name] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`nox -s tests` runs one worker per core) each worker gets its share of the
+# cores, set before torch is imported: workers whose threads spin on the same cores slow each other.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 QUESTIONS = [
     ("en", "What does the r of LoRA set?", "The rank of the update B @ A: how many directions each adapted layer can learn."),
