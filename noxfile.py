@@ -97,9 +97,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def benchmarks(session: nox.Session) -> None:
-    """Every CPU benchmark under benchmarks/, each printing its figures side by side (bench_docs.py runs nox itself)."""
+    """Every CPU benchmark under benchmarks/, each printing its figures side by side (bench_docs.py and bench_tests.py run nox themselves)."""
     install(session, "test")
     session.install("--no-deps", "torchao")  # the pure-torch NF4 that bench_quantization compares with
     for script in sorted(os.listdir("benchmarks")):
-        if script.startswith("bench_") and script.endswith(".py") and "gpu" not in script and script not in ("bench_docs.py", "bench_demo.py"):
+        if script.startswith("bench_") and script.endswith(".py") and "gpu" not in script and script not in ("bench_docs.py", "bench_demo.py", "bench_tests.py"):
             session.run("python", f"benchmarks/{script}", env=OFFLINE)

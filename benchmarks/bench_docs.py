@@ -1,6 +1,7 @@
 """The docs build as a reader runs it: cold, again with nothing changed, and after a prose-only change.
 
     python benchmarks/bench_docs.py            # the three builds, then the figures side by side
+    python benchmarks/bench_docs.py --workers 1,2   # a cold build per page-worker count, side by side
     QLORA_GUIDE_CPU_BF16=0 python benchmarks/bench_docs.py   # the float32 path, as on a CPU without native bf16
 
 "Cold" is ``nox -s docs`` in a fresh nox environment folder with no build folder
@@ -12,6 +13,12 @@ appends an HTML comment to ``docs/index.md`` and takes it out again afterwards.
 Peak memory is the largest sum of the resident memory of the build's processes,
 sampled every half second. Per-page execution times come from the build's own
 ``docs/_build/execution-times-en.json``.
+
+``--workers 1,2`` times one cold build per count, with ``QLORA_GUIDE_DOCS_WORKERS``
+set to it (1: pages one after another, each with every core; 2: two at a time, a core
+each), each in a fresh build folder. The installs and the model's conversion are done
+once before them, untimed, so that the rows differ only in how the pages were executed;
+the last count then runs the two warm builds.
 """
 
 from __future__ import annotations
@@ -71,7 +78,9 @@ def main() -> None:
         print("bench_docs: psutil is not installed here (pip install psutil): peak memory will read 0")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envdir", help="nox environment folder to use (default: a new temporary one)")
+    parser.add_argument("--workers", help="comma-separated page-worker counts to compare in cold builds, e.g. 1,2")
     args = parser.parse_args()
+    counts = [int(n) for n in args.workers.split(",")] if args.workers else []
     if BUILD.exists():
         aside = REPO / ".bench-docs-previous-build"  # outside docs/: Sphinx would read it as sources
         if aside.exists():
@@ -81,7 +90,19 @@ def main() -> None:
     envdir = args.envdir or tempfile.mkdtemp(prefix="qlora-guide-bench-nox-")
     os.environ["QLORA_GUIDE_CACHE"] = str(Path(envdir) / "model-cache")  # the embedded model is converted too
     nox = [sys.executable, "-m", "nox", "--envdir", envdir, "-s", "docs"]
-    results = {"cold": timed(nox)}
+    results = {}
+    if counts:
+        subprocess.run([*nox, "--install-only"], cwd=REPO, check=True)
+        python = Path(envdir) / "docs" / "bin" / "python"
+        subprocess.run([str(python), "-c", "from qlora_guide.models import embedded_model_path; embedded_model_path()"],
+                       cwd=REPO, check=True)
+    for count in counts[:-1]:  # the last count runs the usual three builds below
+        os.environ["QLORA_GUIDE_DOCS_WORKERS"] = str(count)
+        results[f"cold, {count} worker(s)"] = timed(nox)
+        shutil.rmtree(BUILD)  # this run's own build: the next one is cold again
+    if counts:
+        os.environ["QLORA_GUIDE_DOCS_WORKERS"] = str(counts[-1])
+    results[f"cold, {counts[-1]} worker(s)" if counts else "cold"] = timed(nox)
     pages = json.loads((BUILD / "execution-times-en.json").read_text())
     results["nothing changed"] = timed(nox)
     original = PROSE_PAGE.read_text(encoding="utf-8")
@@ -96,10 +117,10 @@ def main() -> None:
     print("\nexecution time per page (English, cold build):")
     for row in pages["pages"]:
         print(f"  {row['seconds']:8.1f} s  {row['page']}")
-    print(f"  {pages['total_seconds']:8.1f} s  all pages")
-    print(f"\n{'nox -s docs':<20} {'wall s':>8} {'min':>6} {'peak GiB':>9}")
+    print(f"  {pages['total_seconds']:8.1f} s  summed over the pages")
+    print(f"\n{'nox -s docs':<24} {'wall s':>8} {'min':>6} {'peak GiB':>9}")
     for name, r in results.items():
-        print(f"{name:<20} {r['seconds']:8.1f} {r['seconds'] / 60:6.1f} {r['peak_gib']:9.2f}")
+        print(f"{name:<24} {r['seconds']:8.1f} {r['seconds'] / 60:6.1f} {r['peak_gib']:9.2f}")
     cpu = "float32 path forced" if os.environ.get("QLORA_GUIDE_CPU_BF16") == "0" else "bf16 where the CPU has it"
     print(f"({os.cpu_count()} CPUs, {cpu})")
 

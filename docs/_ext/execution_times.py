@@ -38,7 +38,7 @@ def report(app: Any, exception: Exception | None) -> None:
     print(f"execution time per page ({language}; a cached page shows the time of the run that filled the cache):")
     for row in rows:
         print(f"  {row['seconds']:8.1f} s  {row['page']}")
-    print(f"  {total:8.1f} s  total -> {out}")
+    print(f"  {total:8.1f} s  summed over the pages (several may have run at once) -> {out}")
 
 
 def setup(app: Any) -> dict[str, Any]:
