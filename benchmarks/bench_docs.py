@@ -71,6 +71,16 @@ def timed(command: list[str]) -> dict[str, float]:
     return {"seconds": time.perf_counter() - start, "peak_gib": peak / 2**30}
 
 
+def print_table(title: str, results: dict[str, dict[str, float]]) -> None:
+    """The runs' wall times and peak memory side by side, and which CPU path they took."""
+    width = max(24, *(len(name) for name in results))
+    print(f"\n{title:<{width}} {'wall s':>8} {'min':>6} {'peak GiB':>9}")
+    for name, r in results.items():
+        print(f"{name:<{width}} {r['seconds']:8.1f} {r['seconds'] / 60:6.1f} {r['peak_gib']:9.2f}")
+    cpu = "float32 path forced" if os.environ.get("QLORA_GUIDE_CPU_BF16") == "0" else "bf16 where the CPU has it"
+    print(f"({os.cpu_count()} CPUs, {cpu})")
+
+
 def main() -> None:
     try:
         import psutil  # noqa: F401
@@ -118,11 +128,7 @@ def main() -> None:
     for row in pages["pages"]:
         print(f"  {row['seconds']:8.1f} s  {row['page']}")
     print(f"  {pages['total_seconds']:8.1f} s  summed over the pages")
-    print(f"\n{'nox -s docs':<24} {'wall s':>8} {'min':>6} {'peak GiB':>9}")
-    for name, r in results.items():
-        print(f"{name:<24} {r['seconds']:8.1f} {r['seconds'] / 60:6.1f} {r['peak_gib']:9.2f}")
-    cpu = "float32 path forced" if os.environ.get("QLORA_GUIDE_CPU_BF16") == "0" else "bf16 where the CPU has it"
-    print(f"({os.cpu_count()} CPUs, {cpu})")
+    print_table("nox -s docs", results)
 
 
 if __name__ == "__main__":

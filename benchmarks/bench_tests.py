@@ -5,7 +5,8 @@
 
 Both runs use the same nox environment (installed once, before them, untimed) and the
 same converted model cache, so they differ only in how the tests are spread. Each
-prints pytest's own summary; the wall times are printed together at the end.
+prints pytest's own summary; wall time and peak memory (all the processes of the run
+together) are printed side by side at the end.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_docs import REPO, print_table, timed
+
 RUNS = {
-    "one process (-n 0)": ["-q", "-n", "0"],
+    "one process (-n 0)": ["--", "-q", "-n", "0"],
     f"{min(4, os.cpu_count() or 1)} xdist workers (the default)": [],
 }
 
@@ -26,18 +26,7 @@ RUNS = {
 def main() -> None:
     nox = [sys.executable, "-m", "nox", "-s", "tests"]
     subprocess.run([*nox, "--install-only"], cwd=REPO, check=True)
-    seconds = {}
-    for name, args in RUNS.items():
-        start = time.perf_counter()
-        code = subprocess.run([*nox, "--", *args] if args else nox, cwd=REPO).returncode
-        seconds[name] = time.perf_counter() - start
-        if code != 0:
-            sys.exit(f"bench_tests: the {name} run failed with exit code {code}")
-    print(f"\n{'nox -s tests':<32} {'wall s':>8} {'min':>6}")
-    for name, s in seconds.items():
-        print(f"{name:<32} {s:8.1f} {s / 60:6.1f}")
-    cpu = "float32 path forced" if os.environ.get("QLORA_GUIDE_CPU_BF16") == "0" else "bf16 where the CPU has it"
-    print(f"({os.cpu_count()} CPUs, {cpu})")
+    print_table("nox -s tests", {name: timed([*nox, *args]) for name, args in RUNS.items()})
 
 
 if __name__ == "__main__":
