@@ -79,13 +79,11 @@ def print_table(title: str, results: dict[str, dict[str, float]]) -> None:
         print(f"{name:<{width}} {r['seconds']:8.1f} {r['seconds'] / 60:6.1f} {r['peak_gib']:9.2f}")
     cpu = "float32 path forced" if os.environ.get("QLORA_GUIDE_CPU_BF16") == "0" else "bf16 where the CPU has it"
     print(f"({os.cpu_count()} CPUs, {cpu})")
+    if not any(r["peak_gib"] for r in results.values()):
+        print("(peak memory reads 0: psutil is not installed for this Python; pip install psutil)")
 
 
 def main() -> None:
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
-        print("bench_docs: psutil is not installed here (pip install psutil): peak memory will read 0")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envdir", help="nox environment folder to use (default: a new temporary one)")
     parser.add_argument("--workers", help="comma-separated page-worker counts to compare in cold builds, e.g. 1,2")
