@@ -25,6 +25,11 @@ def execution_times(env: Any) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["seconds"])
 
 
+def times_path(app: Any) -> Path:
+    """Where this language's build keeps its per-page times: ``_build/execution-times-<lang>.json``."""
+    return Path(app.outdir).parent.parent / f"execution-times-{app.config.language or 'en'}.json"
+
+
 def report(app: Any, exception: Exception | None) -> None:
     if exception is not None:
         return
@@ -32,7 +37,7 @@ def report(app: Any, exception: Exception | None) -> None:
     if not rows:
         return
     language = app.config.language or "en"
-    out = Path(app.outdir).parent.parent / f"execution-times-{language}.json"
+    out = times_path(app)
     total = sum(r["seconds"] for r in rows)
     out.write_text(json.dumps({"language": language, "total_seconds": round(total, 1), "pages": rows}, indent=2))
     print(f"execution time per page ({language}; a cached page shows the time of the run that filled the cache):")

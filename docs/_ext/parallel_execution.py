@@ -30,6 +30,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+from execution_times import times_path
 from sphinx.util import logging
 
 logger = logging.getLogger(__name__)
@@ -54,19 +55,16 @@ def _execute(notebook: Any, timeout: int | None, allow_errors: bool, threads: in
 
 def previous_seconds(app: Any) -> dict[str, float]:
     """Each page's execution time in the last build of this language, if there was one (longest pages go first)."""
-    path = Path(app.outdir).parent.parent / f"execution-times-{app.config.language or 'en'}.json"
     try:
-        return {row["page"]: row["seconds"] for row in json.loads(path.read_text())["pages"]}
+        return {row["page"]: row["seconds"] for row in json.loads(times_path(app).read_text())["pages"]}
     except (OSError, ValueError, KeyError):
         return {}
 
 
-def uncached_pages(app: Any, env: Any, docnames: list[str]) -> list[tuple[str, str, Any, Any]]:
-    """(docname, path, notebook, read format) of each page to read that is a notebook missing from the cache."""
-    from jupyter_cache import get_cache
+def uncached_pages(cache: Any, env: Any, docnames: list[str]) -> list[tuple[str, str, Any, Any]]:
+    """(docname, path, notebook, read format) of each page to read that is a notebook missing from ``cache``."""
     from myst_nb.core.read import create_nb_reader
 
-    cache = get_cache(env.mystnb_config.execution_cache_path)
     pages = []
     for docname in docnames:
         path = str(env.doc2path(docname))
@@ -90,7 +88,11 @@ def execute_missing_pages(app: Any, env: Any, docnames: list[str]) -> None:
     count = workers()
     if config.execution_mode != "cache" or count < 2:
         return
-    pages = uncached_pages(app, env, docnames)
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+
+    cache = get_cache(config.execution_cache_path)
+    pages = uncached_pages(cache, env, docnames)
     if len(pages) < 2:
         return  # nothing to run side by side: myst-nb executes it as usual
     # Longest first, so that no long page starts last: as timed by the previous build, else the
@@ -99,10 +101,6 @@ def execute_missing_pages(app: Any, env: Any, docnames: list[str]) -> None:
     pages.sort(key=lambda page: -seconds.get(page[0], math.inf if page[2].metadata.get("execute_first") else 0.0))
     threads = max(1, (os.cpu_count() or 1) // count)
     logger.info(f"executing {len(pages)} pages, {count} at a time with {threads} thread(s) each")
-    from jupyter_cache import get_cache
-    from jupyter_cache.base import CacheBundleIn
-
-    cache = get_cache(config.execution_cache_path)
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=count) as pool:
         futures = {pool.submit(_execute, notebook, config.execution_timeout, config.execution_allow_errors,
